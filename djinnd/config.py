@@ -1,0 +1,123 @@
+"""The daemon's configuration: a tree of frozen dataclasses, loaded from YAML, then flags.
+
+Every leaf key is unique across sections, so each has one flag (`kv_cache_mb` -> `--kv-cache-mb`).
+Unknown keys and bad values raise ConfigError naming the key.
+"""
+import dataclasses
+from dataclasses import dataclass, field
+
+import yaml
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _require(ok: bool, key: str, why: str):
+    if not ok:
+        raise ConfigError(f"config key {key!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "smollm2-135m"   # embedded default, a random preset ("random:tiny"), or an HF model dir
+    dtype: str = "auto"           # auto: float32 on CPU, bfloat16 on CUDA
+    seed: int = 0                 # seeds random-weight presets
+    max_model_len: int = 0        # 0: the model's own context length
+
+    def __post_init__(self):
+        _require(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.max_model_len >= 0, "max_model_len", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    kv_cache_mb: float = 256.0    # the device KV block pool: the stand-in for VRAM on CPU
+    block_size: int = 16          # tokens per KV block
+
+    def __post_init__(self):
+        _require(self.kv_cache_mb > 0, "kv_cache_mb", "must be > 0")
+        _require(self.block_size > 0, "block_size", "must be > 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str = "auto"          # a torch device name; auto: cuda if present, else cpu
+    max_num_seqs: int = 64        # most sessions in one decode batch
+    max_num_batched_tokens: int = 4096  # most prompt tokens in one prefill step
+
+    def __post_init__(self):
+        ok = self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"
+        _require(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
+        _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: str = ""              # empty: DJINN_SOCKET, $XDG_RUNTIME_DIR/djinn, or /run/djinn
+    socket_mode: str = "0600"     # octal permissions of the socket file
+    max_frame_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        _require(0 <= mode <= 0o777, "socket_mode", f"must be octal like '0600', got {self.socket_mode!r}")
+        _require(self.max_frame_bytes >= 1024, "max_frame_bytes", "must be >= 1024")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def sections() -> dict:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def leaf_fields() -> dict:
+    """Every leaf key -> (section name, dataclass field)."""
+    return {f.name: (name, f) for name, cls in sections().items() for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, f: dataclasses.Field, value):
+    kind = {"str": str, "int": int, "float": float, "bool": bool}[f.type if isinstance(f.type, str) else f.type.__name__]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    _require(isinstance(value, kind) and (kind is bool or not isinstance(value, bool)), key,
+             f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
+    """YAML file (sections of keys) first, then flat `overrides` (leaf key -> value)."""
+    values = {name: {} for name in sections()}
+    if path:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        _require(isinstance(data, dict), "<root>", "the file must hold a mapping of sections")
+        for section, keys in data.items():
+            _require(section in values, section, f"unknown section; known: {sorted(values)}")
+            _require(isinstance(keys, dict), section, "must be a mapping")
+            values[section].update({f"{section}.{k}": v for k, v in keys.items()})
+    leaves = leaf_fields()
+    built = {name: {} for name in values}
+    for section, keys in values.items():
+        for dotted, value in keys.items():
+            key = dotted.split(".", 1)[1]
+            _require(key in leaves and leaves[key][0] == section, dotted, "unknown key")
+            built[section][key] = _coerce(dotted, leaves[key][1], value)
+    for key, value in (overrides or {}).items():
+        _require(key in leaves, key, "unknown key")
+        section, f = leaves[key]
+        built[section][key] = _coerce(key, f, value)
+    return Config(**{name: cls(**built[name]) for name, cls in sections().items()})

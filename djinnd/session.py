@@ -1,0 +1,65 @@
+"""Sessions: the vocabulary every part of the daemon shares. Imports no other djinnd module."""
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class SessionState(enum.Enum):
+    IDLE = "idle"          # no work; its KV stays resident for the next turn
+    WAITING = "waiting"    # has work, queued until the pool can take it
+    RUNNING = "running"    # in the batch: prefilling or decoding
+
+
+class Phase(enum.Enum):
+    ACTIVE = "ACTIVE"      # has work or may soon
+    IO_WAIT = "IO_WAIT"    # the agent is in a tool call
+
+
+ALLOWED = {
+    SessionState.IDLE: {SessionState.WAITING},
+    SessionState.WAITING: {SessionState.RUNNING, SessionState.IDLE},
+    SessionState.RUNNING: {SessionState.IDLE},
+}
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0      # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass
+class Request:
+    """One generate call in flight on a session."""
+    params: SamplingParams
+    num_prompt_tokens: int
+    output: list[int] = field(default_factory=list)
+    queued_at: float = field(default_factory=time.monotonic)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Session:
+    id: int
+    owner: int                    # the connection that opened it
+    owner_pid: int
+    tokens: list[int] = field(default_factory=list)
+    num_cached: int = 0           # tokens whose K/V are written in the block table's blocks
+    block_table: list[int] = field(default_factory=list)
+    state: SessionState = SessionState.IDLE
+    phase: Phase = Phase.ACTIVE
+    request: Request | None = None
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def num_new_tokens(self) -> int:
+        """Tokens the next forward must feed (the whole uncached tail)."""
+        return len(self.tokens) - self.num_cached
+
+    def change_state(self, new: SessionState):
+        if new not in ALLOWED[self.state]:
+            raise RuntimeError(f"session {self.id}: {self.state.value} -> {new.value} is not allowed")
+        self.state = new
