@@ -36,6 +36,7 @@ class Request:
     """One generate call in flight on a session."""
     params: SamplingParams
     num_prompt_tokens: int
+    num_cached: int               # history whose KV was resident when the request came
     output: list[int] = field(default_factory=list)
     queued_at: float = field(default_factory=time.monotonic)
     finish_reason: str | None = None

@@ -1,0 +1,5 @@
+import sys
+
+from djinnd.cli import main
+
+sys.exit(main())

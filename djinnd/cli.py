@@ -1,0 +1,32 @@
+"""`djinnd` command line: a YAML file, then one flag per config key, generated from the dataclasses."""
+import argparse
+import logging
+import sys
+
+from djinnd import daemon
+from djinnd.config import ConfigError, leaf_fields, load_config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="djinnd", description="Djinn daemon: one resident model, many agents.")
+    p.add_argument("--config", help="YAML config file (sections model, memory, engine, server)")
+    p.add_argument("--log-level", default="WARNING")
+    for key, (section, f) in leaf_fields().items():
+        kind = f.type if isinstance(f.type, type) else str
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, default=None,
+                       type=(lambda v: v.lower() in ("1", "true", "yes")) if kind is bool else kind,
+                       help=f"{section}.{key} (default {f.default!r})")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {k: v for k, v in vars(args).items() if k in leaf_fields() and v is not None}
+    try:
+        config = load_config(args.config, overrides)
+    except (ConfigError, OSError) as e:
+        print(f"djinnd: {e}", file=sys.stderr)
+        return 2
+    daemon.run(config)
+    return 0

@@ -1,0 +1,62 @@
+"""djinnd: wires model, KV pool, engine thread and socket listener together, and tears them down."""
+import asyncio
+import logging
+import signal
+
+import torch
+
+from djinnd.engine.engine import Engine
+from djinnd.memory.block_pool import KVBlockPool
+from djinnd.model.loader import load_model
+from djinnd.server.listener import Listener
+from libdjinn.paths import default_socket_path
+
+log = logging.getLogger("djinnd")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def build_engine(config) -> Engine:
+    device = resolve_device(config.engine.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    loaded = load_model(config.model.model, config.model.seed, dtype, device)
+    a = loaded.model.args
+    pool = KVBlockPool(a.num_layers, a.num_kv_heads, a.head_dim, config.memory.block_size,
+                       config.memory.kv_cache_mb * 2**20, dtype, device)
+    return Engine(loaded, pool, config, device)
+
+
+def run(config):
+    engine = build_engine(config)
+    path = config.server.socket or default_socket_path()
+    print(f"djinnd: model {engine.loaded.label} on {engine.device}, KV pool {engine.pool.num_blocks} "
+          f"blocks of {engine.pool.block_size} tokens", flush=True)
+    asyncio.run(_serve(engine, config, path))
+
+
+async def _serve(engine: Engine, config, path: str):
+    listener = Listener(path, config, engine.inbox, engine.loaded)
+    await listener.start()
+    engine.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"djinnd: listening on {path}", flush=True)
+    print("djinnd: ready", flush=True)
+    await stop.wait()
+    print("djinnd: stopping", flush=True)
+    engine.stop()
+    await listener.close()

@@ -1,0 +1,80 @@
+"""What the server asks of the engine (inbox) and what the engine answers (events).
+
+`reply` is a callable the server passes in; the engine thread calls it with events, and the
+server hops them onto its own loop. This is the only engine module the server imports.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+from libdjinn.protocol import ErrorCode
+from djinnd.session import SamplingParams
+
+Reply = Callable[[object], None]
+
+
+@dataclass
+class OpenSession:
+    owner: int
+    owner_pid: int
+    reply: Reply
+
+
+@dataclass
+class CloseSession:
+    owner: int
+    session: int
+    reply: Reply
+
+
+@dataclass
+class Generate:
+    owner: int
+    session: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    reply: Reply
+
+
+@dataclass
+class SetPhase:
+    owner: int
+    session: int
+    phase: str
+    expected_s: float | None
+    reply: Reply
+
+
+@dataclass
+class ReleaseOwner:
+    """A connection closed (or its process died): free every session it opened."""
+    owner: int
+
+
+@dataclass
+class Status:
+    reply: Reply
+
+
+# Events
+@dataclass
+class Token:
+    token: int
+
+
+@dataclass
+class Done:
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int        # history reused from resident KV, not prefilled again
+
+
+@dataclass
+class Result:
+    payload: dict
+
+
+@dataclass
+class Failed:
+    code: ErrorCode
+    message: str

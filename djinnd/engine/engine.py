@@ -1,0 +1,186 @@
+"""Engine: the one thread that owns the model and the KV pool. Each step drains the inbox, asks the
+scheduler for a batch, runs it, and sends every new token back to the session's client."""
+import itertools
+import logging
+import queue
+import threading
+import time
+
+from djinnd.engine import commands as cmd
+from djinnd.engine.runner import Runner
+from djinnd.engine.scheduler import Scheduler
+from djinnd.engine.status import engine_status
+from djinnd.metrics import Metrics
+from djinnd.session import Phase, Request, Session, SessionState
+from libdjinn.protocol import ErrorCode
+
+log = logging.getLogger("djinnd.engine")
+
+
+class EngineError(Exception):
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Engine:
+    def __init__(self, loaded, pool, config, device):
+        self.loaded, self.pool, self.config, self.device = loaded, pool, config, device
+        args = loaded.model.args
+        self.max_model_len = config.model.max_model_len or args.max_position_embeddings
+        self.eos = set(args.eos_token_ids)
+        self.runner = Runner(loaded.model, pool, device)
+        self.scheduler = Scheduler(pool, config.engine.max_num_seqs, config.engine.max_num_batched_tokens)
+        self.sessions: dict[int, Session] = {}
+        self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
+        self.metrics = Metrics()
+        self.inbox: queue.Queue = queue.Queue()
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+
+    # ---- thread ---------------------------------------------------------------------------
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="djinn-engine", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self):
+        self._stop.set()
+        self.inbox.put(None)
+
+    def run(self):
+        while not self._stop.is_set():
+            self._drain(block=not self.scheduler.has_work())
+            if self.scheduler.has_work():
+                self.step()
+
+    def _drain(self, block: bool):
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            while item is not None:
+                self._handle(item)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    # ---- commands -------------------------------------------------------------------------
+    def _handle(self, c):
+        try:
+            {
+                cmd.OpenSession: self._open, cmd.CloseSession: self._close,
+                cmd.Generate: self._generate, cmd.SetPhase: self._set_phase,
+                cmd.ReleaseOwner: self._release_owner, cmd.Status: self._status,
+            }[type(c)](c)
+        except EngineError as e:
+            c.reply(cmd.Failed(e.code, e.message))
+        except Exception as e:  # a bug must cost one request, never the daemon
+            log.exception("command %s failed", type(c).__name__)
+            if hasattr(c, "reply"):
+                c.reply(cmd.Failed(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}"))
+
+    def _owned(self, owner: int, session_id: int) -> Session:
+        s = self.sessions.get(session_id)
+        if s is None:
+            raise EngineError(ErrorCode.UNKNOWN_SESSION, f"no session {session_id}")
+        if s.owner != owner:
+            raise EngineError(ErrorCode.NOT_OWNER, f"session {session_id} belongs to another client")
+        return s
+
+    def _open(self, c: cmd.OpenSession):
+        s = Session(next(self._ids), c.owner, c.owner_pid)
+        self.sessions[s.id] = s
+        self.metrics.inc("sessions_opened")
+        c.reply(cmd.Result({"session": s.id}))
+
+    def _close(self, c: cmd.CloseSession):
+        self._drop(self._owned(c.owner, c.session), "session closed")
+        c.reply(cmd.Result({"session": c.session, "closed": True}))
+
+    def _drop(self, s: Session, why: str):
+        reply = self.replies.pop(s.id, None)
+        if reply:
+            reply(cmd.Failed(ErrorCode.UNKNOWN_SESSION, f"session {s.id}: {why}"))
+        self.scheduler.drop(s)
+        self.runner.forget(s.id)
+        del self.sessions[s.id]
+        self.metrics.inc("sessions_closed")
+
+    def _release_owner(self, c: cmd.ReleaseOwner):
+        gone = [s for s in self.sessions.values() if s.owner == c.owner]
+        for s in gone:
+            self._drop(s, "client disconnected")
+        if gone:
+            self.metrics.inc("sessions_released_on_disconnect", len(gone))
+
+    def _set_phase(self, c: cmd.SetPhase):
+        s = self._owned(c.owner, c.session)
+        try:
+            s.phase = Phase(c.phase)
+        except ValueError:
+            raise EngineError(ErrorCode.BAD_REQUEST, f"unknown phase {c.phase!r}; use ACTIVE or IO_WAIT")
+        c.reply(cmd.Result({"session": s.id, "phase": s.phase.value}))
+
+    def _generate(self, c: cmd.Generate):
+        s = self._owned(c.owner, c.session)
+        if s.state is not SessionState.IDLE:
+            raise EngineError(ErrorCode.BUSY, f"session {s.id} already has a request in flight")
+        total = len(s.tokens) + len(c.prompt_ids) + c.params.max_new_tokens
+        if total > self.max_model_len:
+            raise EngineError(ErrorCode.CONTEXT_OVERFLOW, f"session {s.id}: {len(s.tokens)} tokens of history "
+                              f"+ {len(c.prompt_ids)} prompt + {c.params.max_new_tokens} new = {total} "
+                              f"> the model's context of {self.max_model_len}")
+        if self.pool.blocks_for(total) > self.pool.num_blocks:
+            raise EngineError(ErrorCode.NO_CAPACITY, f"session {s.id}: {total} tokens need "
+                              f"{self.pool.blocks_for(total)} KV blocks; the pool has {self.pool.num_blocks}")
+        if any(not 0 <= t < self.loaded.model.args.vocab_size for t in c.prompt_ids):
+            raise EngineError(ErrorCode.BAD_REQUEST, "prompt_ids holds a token outside the vocabulary")
+        s.tokens.extend(c.prompt_ids)
+        s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached)
+        self.replies[s.id] = c.reply
+        self.scheduler.add(s)
+        self.metrics.inc("requests")
+
+    # ---- stepping -------------------------------------------------------------------------
+    def step(self):
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
+            return
+        started = time.perf_counter()
+        if is_prefill:
+            self.metrics.inc("prompt_tokens", sum(s.num_new_tokens for s in batch))
+            self.metrics.inc("cached_tokens_reused", sum(s.num_cached for s in batch))
+        try:
+            new_tokens = self.runner.run(batch)
+        except Exception as e:
+            log.exception("forward failed")
+            for s in batch:
+                self._end(s, None, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
+            return
+        self.metrics.inc("prefill_s" if is_prefill else "decode_s", time.perf_counter() - started)
+        self.metrics.inc("prefill_steps" if is_prefill else "decode_steps")
+        for s, token in zip(batch, new_tokens):
+            self._append(s, token)
+
+    def _append(self, s: Session, token: int):
+        req = s.request
+        req.output.append(token)
+        s.tokens.append(token)
+        self.metrics.inc("tokens_generated")
+        self.replies[s.id](cmd.Token(token))
+        if token in self.eos and not req.params.ignore_eos:
+            self._end(s, "stop")
+        elif len(req.output) >= req.params.max_new_tokens:
+            self._end(s, "length")
+
+    def _end(self, s: Session, reason: str | None, failure: cmd.Failed | None = None):
+        req = s.request
+        self.scheduler.finish(s)
+        self.runner.forget(s.id)
+        s.request = None
+        reply = self.replies.pop(s.id)
+        reply(failure or cmd.Done(req.output, reason, req.num_prompt_tokens, req.num_cached))
+
+    # ---- status ---------------------------------------------------------------------------
+    def _status(self, c: cmd.Status):
+        c.reply(cmd.Result(engine_status(self)))

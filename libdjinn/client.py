@@ -1,0 +1,182 @@
+"""The agent side: a Connection to djinnd and the Sessions it opens. No torch, no CUDA.
+
+A reader thread routes replies by request id, so one connection can have several requests in
+flight (a generate streaming in one thread while another sets a phase).
+"""
+import contextlib
+import itertools
+import os
+import queue
+import socket
+import threading
+from dataclasses import dataclass
+
+from libdjinn.paths import default_socket_path
+from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, decode_body, encode_frame
+
+
+class DjinnError(Exception):
+    """An error reply from djinnd; `code` is a libdjinn.protocol.ErrorCode."""
+
+    def __init__(self, code, message: str):
+        super().__init__(f"{ErrorCode(code).name}: {message}")
+        self.code, self.message = ErrorCode(code), message
+
+
+class UnknownSession(DjinnError): pass
+class NotOwner(DjinnError): pass
+class ContextOverflow(DjinnError): pass
+class NoCapacity(DjinnError): pass
+class BadRequest(DjinnError): pass
+
+
+ERRORS = {ErrorCode.UNKNOWN_SESSION: UnknownSession, ErrorCode.NOT_OWNER: NotOwner,
+          ErrorCode.CONTEXT_OVERFLOW: ContextOverflow, ErrorCode.NO_CAPACITY: NoCapacity,
+          ErrorCode.BAD_REQUEST: BadRequest}
+
+
+def raise_for(reply: dict):
+    if reply.get("type") == "error":
+        raise ERRORS.get(reply["code"], DjinnError)(reply["code"], reply["message"])
+    return reply
+
+
+@dataclass
+class Generation:
+    text: str | None
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    text: str | None
+
+
+class Connection:
+    def __init__(self, path: str | None = None):
+        self.path = path or default_socket_path()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self._closed: Exception | None = None
+        threading.Thread(target=self._read_loop, name="libdjinn-reader", daemon=True).start()
+        self.info = self.request("hello", version=PROTOCOL_VERSION, pid=os.getpid())
+
+    def session(self) -> "Session":
+        return Session(self, self.request("open_session")["session"])
+
+    def status(self) -> dict:
+        return self.request("status")
+
+    def request(self, kind: str, **fields) -> dict:
+        """One request, one reply; raises the DjinnError subclass for an error reply."""
+        for reply in self.replies(kind, **fields):
+            last = reply
+        return raise_for(last)
+
+    def replies(self, kind: str, **fields):
+        """Yield replies to one request until its final one (result, done or error)."""
+        rid, inbox = next(self._ids), queue.Queue()
+        with self._lock:
+            if self._closed:
+                raise ConnectionError(f"djinnd connection closed: {self._closed}")
+            self._pending[rid] = inbox
+            self.sock.sendall(encode_frame({"type": kind, "id": rid, **fields}))
+        try:
+            while True:
+                reply = inbox.get()
+                if isinstance(reply, Exception):
+                    raise reply
+                yield reply
+                if reply["type"] != "token":
+                    return
+        finally:
+            self._pending.pop(rid, None)
+
+    def _read_loop(self):
+        try:
+            while True:
+                (size,) = HEADER.unpack(self._recv(HEADER.size))
+                reply = decode_body(self._recv(size))
+                target = self._pending.get(reply.get("id"))
+                if target is not None:
+                    target.put(reply)
+                elif reply.get("type") == "error":  # not tied to a request: the daemon hangs up
+                    raise DjinnError(reply["code"], reply["message"])
+        except Exception as e:
+            with self._lock:
+                self._closed = e
+                for inbox in list(self._pending.values()):
+                    inbox.put(e if isinstance(e, DjinnError) else ConnectionError(f"djinnd went away: {e}"))
+
+    def _recv(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("socket closed")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Session:
+    """A conversation whose tokens and KV cache live in the daemon across turns."""
+
+    def __init__(self, conn: Connection, session_id: int):
+        self.conn, self.id = conn, session_id
+
+    def generate(self, prompt: str | None = None, *, prompt_ids=None, messages=None, **sampling) -> Generation:
+        """Append the prompt (text, token ids, or chat messages) and generate; returns the whole reply.
+        sampling: max_new_tokens, temperature (0 = greedy), top_p, seed, ignore_eos."""
+        final = self.conn.request("generate", **self._generate_fields(prompt, prompt_ids, messages, sampling))
+        return Generation(final["text"], final["tokens"], final["finish_reason"],
+                          final["prompt_tokens"], final["cached_tokens"])
+
+    def chat(self, message: str, **sampling) -> Generation:
+        """One user turn through the model's chat template; history stays resident in the daemon."""
+        return self.generate(messages=[{"role": "user", "content": message}], **sampling)
+
+    def stream(self, prompt: str | None = None, *, prompt_ids=None, messages=None, **sampling):
+        """Yield a TokenEvent per token as it is produced."""
+        fields = self._generate_fields(prompt, prompt_ids, messages, sampling)
+        for reply in self.conn.replies("generate", stream=True, **fields):
+            raise_for(reply)
+            if reply["type"] == "token":
+                yield TokenEvent(reply["token"], reply["text"])
+
+    def signal_phase(self, phase: str, expected_s: float | None = None):
+        """Tell the daemon what the agent is doing: "ACTIVE" or "IO_WAIT" (in a tool call)."""
+        self.conn.request("set_phase", session=self.id, phase=phase, expected_s=expected_s)
+
+    @contextlib.contextmanager
+    def tool_call(self, expected_s: float | None = None):
+        """IO_WAIT for the duration of the block, ACTIVE after it."""
+        self.signal_phase("IO_WAIT", expected_s)
+        try:
+            yield
+        finally:
+            self.signal_phase("ACTIVE")
+
+    def close(self):
+        self.conn.request("close_session", session=self.id)
+
+    def _generate_fields(self, prompt, prompt_ids, messages, sampling) -> dict:
+        fields = {"session": self.id, "prompt": prompt, "prompt_ids": prompt_ids, "messages": messages, **sampling}
+        return {k: v for k, v in fields.items() if v is not None}
