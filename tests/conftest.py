@@ -1,0 +1,75 @@
+"""Shared fixtures: a real djinnd process on a private socket, and HF transformers as the reference."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Daemon:
+    def __init__(self, socket_path: str, proc: subprocess.Popen, log_path: str):
+        self.socket, self.proc, self.log_path = socket_path, proc, log_path
+
+    def log(self) -> str:
+        with open(self.log_path) as fh:
+            return fh.read()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def start_daemon(tmp_path, *flags, timeout=180) -> Daemon:
+    sock = str(tmp_path / "run" / "djinnd.sock")
+    log_path = str(tmp_path / "djinnd.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "djinnd", "--socket", sock, "--device", "cpu", *flags],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    daemon = Daemon(sock, proc, log_path)
+    deadline = time.time() + timeout
+    while "djinnd: ready" not in daemon.log():
+        if not daemon.alive() or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"djinnd did not start:\n{daemon.log()}")
+        time.sleep(0.1)
+    return daemon
+
+
+def stop_daemon(daemon: Daemon):
+    daemon.proc.terminate()
+    try:
+        daemon.proc.wait(10)
+    except subprocess.TimeoutExpired:
+        daemon.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny_daemon(tmp_path_factory):
+    d = start_daemon(tmp_path_factory.mktemp("tiny"), "--model", "random:tiny", "--kv-cache-mb", "4")
+    yield d
+    stop_daemon(d)
+
+
+def hf_reference(model):
+    """HF transformers' LlamaForCausalLM holding the same weights as our model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(LlamaConfig(**model.args.to_hf()))
+    hf.load_state_dict(model.state_dict(), strict=False)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int, ignore_eos=True) -> list[int]:
+    kwargs = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), **kwargs)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def random_prompts(vocab: int, lengths, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]

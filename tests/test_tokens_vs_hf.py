@@ -1,0 +1,87 @@
+"""Tokens from the engine equal HF transformers' greedy generate, alone and batched together."""
+import queue
+
+import pytest
+
+from conftest import hf_greedy, hf_reference, random_prompts
+from djinnd.config import load_config
+from djinnd.daemon import build_engine
+from djinnd.engine import commands as cmd
+from djinnd.session import SamplingParams
+
+
+class EngineClient:
+    """Drives an in-process engine thread the way the server does: commands in, events out."""
+
+    def __init__(self, **overrides):
+        self.engine = build_engine(load_config(None, {"device": "cpu", **overrides}))
+        self.engine.start()
+
+    def call(self, make):
+        events = queue.Queue()
+        self.engine.inbox.put(make(events.put))
+        return events
+
+    def open(self) -> int:
+        return self.call(lambda r: cmd.OpenSession(0, 0, r)).get(timeout=60).payload["session"]
+
+    def submit(self, session: int, prompt_ids, max_new_tokens: int, ignore_eos=True) -> queue.Queue:
+        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+        return self.call(lambda r: cmd.Generate(0, session, prompt_ids, params, r))
+
+    @staticmethod
+    def done(events: queue.Queue) -> cmd.Done:
+        while True:
+            e = events.get(timeout=120)
+            if not isinstance(e, cmd.Token):
+                assert isinstance(e, cmd.Done), e
+                return e
+
+
+@pytest.fixture(scope="module", params=["random:tiny", "smollm2-135m"])
+def engine(request):
+    client = EngineClient(model=request.param, kv_cache_mb=64.0)
+    yield client, hf_reference(client.engine.loaded.model)
+    client.engine.stop()
+
+
+def test_single_session_matches_hf(engine):
+    client, hf = engine
+    [prompt] = random_prompts(client.engine.loaded.model.args.vocab_size, [11])
+    out = client.done(client.submit(client.open(), prompt, 16)).tokens
+    assert out == hf_greedy(hf, prompt, 16)
+
+
+def test_batched_sessions_of_different_lengths_match_hf(engine):
+    client, hf = engine
+    prompts = random_prompts(client.engine.loaded.model.args.vocab_size, [3, 17, 40, 9], seed=1)
+    pending = [client.submit(client.open(), p, 12) for p in prompts]
+    outs = [client.done(e).tokens for e in pending]
+    assert client.engine.metrics.counters["decode_steps"] > 0
+    for prompt, out in zip(prompts, outs):
+        assert out == hf_greedy(hf, prompt, 12)
+
+
+def test_second_turn_continues_resident_kv(engine):
+    """A second generate feeds only the new prompt; tokens equal HF on the whole history."""
+    client, hf = engine
+    first, second = random_prompts(client.engine.loaded.model.args.vocab_size, [8, 6], seed=2)
+    session = client.open()
+    turn1 = client.done(client.submit(session, first, 5))
+    turn2 = client.done(client.submit(session, second, 7))
+    history = first + turn1.tokens
+    assert turn2.cached_tokens == len(history) - 1   # all but the last sampled token were resident
+    assert turn2.prompt_tokens == len(second)
+    assert turn2.tokens == hf_greedy(hf, history + second, 7)
+
+
+def test_stops_on_eos_like_hf():
+    client = EngineClient(model="smollm2-135m", kv_cache_mb=16.0)
+    hf = hf_reference(client.engine.loaded.model)
+    tok = client.engine.loaded.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
+                                     add_generation_prompt=True, return_dict=False)
+    done = client.done(client.submit(client.open(), prompt, 40, ignore_eos=False))
+    client.engine.stop()
+    assert done.finish_reason == "stop" and done.tokens[-1] == tok.eos_token_id
+    assert done.tokens == hf_greedy(hf, prompt, 40, ignore_eos=False)
