@@ -1,0 +1,55 @@
+"""Block pool and scheduler: admission as blocks allow, FIFO waiting, reservations trimmed on finish."""
+import torch
+
+from djinnd.engine.scheduler import Scheduler
+from djinnd.memory.block_pool import KVBlockPool, bytes_per_block
+from djinnd.session import Request, SamplingParams, Session, SessionState
+
+
+def pool_of(num_blocks: int, block_size=4) -> KVBlockPool:
+    per = bytes_per_block(2, 1, 8, block_size, torch.float32)
+    return KVBlockPool(2, 1, 8, block_size, per * num_blocks, torch.float32, "cpu")
+
+
+def waiting_session(sid: int, num_prompt: int, max_new: int) -> Session:
+    s = Session(sid, owner=0, owner_pid=0, tokens=list(range(num_prompt)))
+    s.request = Request(SamplingParams(max_new_tokens=max_new), num_prompt, num_cached=0)
+    return s
+
+
+def test_pool_size_follows_the_budget_and_blocks_are_not_leaked():
+    pool = pool_of(10)
+    assert pool.num_blocks == 10 and pool.k.shape == (2, 10, 4, 1, 8)
+    a, b = pool.allocate(3), pool.allocate(7)
+    assert not pool.can_allocate(1)
+    pool.check_integrity([a, b])
+    pool.free(a)
+    assert pool.num_free == 3
+
+
+def test_admits_fifo_as_blocks_allow_and_decodes_everyone_running():
+    sched = Scheduler(pool_of(5), max_num_seqs=8, max_num_batched_tokens=100)
+    s1, s2, s3 = (waiting_session(i, 6, 2) for i in (1, 2, 3))   # 2 blocks each
+    s4 = waiting_session(4, 1, 1)                                  # 1 block: fits, but queued behind s3
+    for s in (s1, s2, s3, s4):
+        sched.add(s)
+    batch, is_prefill = sched.schedule()
+    assert is_prefill and batch == [s1, s2]
+    assert s3.state is SessionState.WAITING and s4.state is SessionState.WAITING
+    batch, is_prefill = sched.schedule()
+    assert batch == [s1, s2] and not is_prefill      # no room for s3: decode the running ones
+    sched.finish(s1)
+    assert sched.schedule() == ([s3, s4], True)
+
+
+def test_finish_keeps_the_blocks_its_tokens_use():
+    pool = pool_of(8)
+    sched = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=100)
+    s = waiting_session(1, 5, 20)                     # reserves ceil(25 / 4) = 7 blocks
+    sched.add(s)
+    sched.schedule()
+    assert len(s.block_table) == 7
+    s.tokens += [1, 2]                                # the request ended early at 7 tokens
+    sched.finish(s)
+    assert len(s.block_table) == 2 and pool.num_free == 6 and s.state is SessionState.IDLE
+    pool.check_integrity([s.block_table])
