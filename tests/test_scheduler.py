@@ -38,7 +38,9 @@ def test_admits_fifo_as_blocks_allow_and_decodes_everyone_running():
     assert s3.state is SessionState.WAITING and s4.state is SessionState.WAITING
     batch, is_prefill = sched.schedule()
     assert batch == [s1, s2] and not is_prefill      # no room for s3: decode the running ones
-    sched.finish(s1)
+    sched.finish(s1)                                 # idle: its KV stays resident
+    assert sched.schedule() == ([s2], False)
+    sched.drop(s1)                                   # closed: its blocks go back to the pool
     assert sched.schedule() == ([s3, s4], True)
 
 
