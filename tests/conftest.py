@@ -65,8 +65,9 @@ def hf_reference(model):
 def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int, ignore_eos=True) -> list[int]:
     kwargs = {"min_new_tokens": max_new_tokens} if ignore_eos else {}
     with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long), **kwargs)
+        device = next(hf.parameters()).device
+        out = hf.generate(torch.tensor([prompt_ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                          attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device), **kwargs)
     return out[0, len(prompt_ids):].tolist()
 
 

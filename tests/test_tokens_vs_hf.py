@@ -1,41 +1,19 @@
 """Tokens from the engine equal HF transformers' greedy generate, alone and batched together."""
-import queue
-
 import pytest
 
 from conftest import hf_greedy, hf_reference, random_prompts
 from djinnd.config import load_config
 from djinnd.daemon import build_engine
-from djinnd.engine import commands as cmd
-from djinnd.session import SamplingParams
+from djinnd.engine.local import LocalClient
 
 
-class EngineClient:
-    """Drives an in-process engine thread the way the server does: commands in, events out."""
-
+class EngineClient(LocalClient):
     def __init__(self, **overrides):
-        self.engine = build_engine(load_config(None, {"device": "cpu", **overrides}))
+        super().__init__(build_engine(load_config(None, {"device": "cpu", **overrides})))
         self.engine.start()
 
-    def call(self, make):
-        events = queue.Queue()
-        self.engine.inbox.put(make(events.put))
-        return events
-
-    def open(self) -> int:
-        return self.call(lambda r: cmd.OpenSession(0, 0, r)).get(timeout=60).payload["session"]
-
-    def submit(self, session: int, prompt_ids, max_new_tokens: int, ignore_eos=True) -> queue.Queue:
-        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
-        return self.call(lambda r: cmd.Generate(0, session, prompt_ids, params, r))
-
-    @staticmethod
-    def done(events: queue.Queue) -> cmd.Done:
-        while True:
-            e = events.get(timeout=120)
-            if not isinstance(e, cmd.Token):
-                assert isinstance(e, cmd.Done), e
-                return e
+    def done(self, events):
+        return LocalClient.done(events)[0]
 
 
 @pytest.fixture(scope="module", params=["random:tiny", "smollm2-135m"])
