@@ -42,3 +42,10 @@ def test_unknown_override_names_the_key():
 def test_djinnd_flag_with_bad_value_exits_with_a_message():
     out = subprocess.run([sys.executable, "-m", "djinnd", "--block-size", "-4"], capture_output=True, text=True)
     assert out.returncode == 2 and "block_size" in out.stderr
+
+
+def test_shipped_example_config_is_the_defaults():
+    import os
+    from djinnd.config import Config
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd", "djinnd.yaml")
+    assert load_config(path) == Config()
