@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import yaml
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+POLICIES = ("semantic", "lru", "recompute", "none")
 
 
 class ConfigError(ValueError):
@@ -36,10 +37,19 @@ class ModelConfig:
 class MemoryConfig:
     kv_cache_mb: float = 256.0    # the device KV block pool: the stand-in for VRAM on CPU
     block_size: int = 16          # tokens per KV block
+    policy: str = "semantic"      # semantic, lru, recompute or none
+    host_arena_mb: float = 1024.0  # pinned host shared memory for swapped-out KV
+    prefetch_lead_ms: float = 20.0  # semantic: start the prefetch this long before the expected return
+    pin_host_arena: bool = True   # page-lock the arena on CUDA (in chunks, in the background)
+    timeline_period_ms: float = 100.0  # how often the memory timeline is sampled
 
     def __post_init__(self):
         _require(self.kv_cache_mb > 0, "kv_cache_mb", "must be > 0")
         _require(self.block_size > 0, "block_size", "must be > 0")
+        _require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
+        _require(self.host_arena_mb >= 0, "host_arena_mb", "must be >= 0")
+        _require(self.prefetch_lead_ms >= 0, "prefetch_lead_ms", "must be >= 0")
+        _require(self.timeline_period_ms > 0, "timeline_period_ms", "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,11 @@ import signal
 import torch
 
 from djinnd.engine.engine import Engine
+from djinnd.engine.status import memory_probe
 from djinnd.memory.block_pool import KVBlockPool
+from djinnd.memory.host_arena import HostArena, sweep_stale_segments
 from djinnd.model.loader import load_model
+from djinnd.metrics import TimelineSampler
 from djinnd.server.listener import Listener
 from libdjinn.paths import default_socket_path
 
@@ -35,7 +38,10 @@ def build_engine(config) -> Engine:
     a = loaded.model.args
     pool = KVBlockPool(a.num_layers, a.num_kv_heads, a.head_dim, config.memory.block_size,
                        config.memory.kv_cache_mb * 2**20, dtype, device)
-    return Engine(loaded, pool, config, device)
+    sweep_stale_segments()
+    arena = HostArena(int(config.memory.host_arena_mb * 2**20 // pool.block_bytes), pool.host_block_shape, dtype,
+                      pin=config.memory.pin_host_arena and device.type == "cuda")
+    return Engine(loaded, pool, arena, config, device)
 
 
 def run(config):
@@ -50,6 +56,8 @@ async def _serve(engine: Engine, config, path: str):
     listener = Listener(path, config, engine.inbox, engine.loaded)
     await listener.start()
     engine.start()
+    sampler = TimelineSampler(engine.metrics, lambda: memory_probe(engine), config.memory.timeline_period_ms / 1e3)
+    sampler.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,5 +66,8 @@ async def _serve(engine: Engine, config, path: str):
     print("djinnd: ready", flush=True)
     await stop.wait()
     print("djinnd: stopping", flush=True)
+    sampler.stop()
     engine.stop()
     await listener.close()
+    engine.join()
+    engine.arena.close()

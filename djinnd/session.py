@@ -15,6 +15,12 @@ class Phase(enum.Enum):
     IO_WAIT = "IO_WAIT"    # the agent is in a tool call
 
 
+class KVPlace(enum.Enum):
+    DEVICE = "device"      # in the device pool (or nothing cached yet)
+    HOST = "host"          # swapped out to the host arena
+    DROPPED = "dropped"    # thrown away; the next request prefills the whole history again
+
+
 ALLOWED = {
     SessionState.IDLE: {SessionState.WAITING},
     SessionState.WAITING: {SessionState.RUNNING, SessionState.IDLE},
@@ -37,6 +43,7 @@ class Request:
     params: SamplingParams
     num_prompt_tokens: int
     num_cached: int               # history whose KV was resident when the request came
+    kv_at_arrival: str = "resident"   # resident, prefetched, swapped or dropped
     output: list[int] = field(default_factory=list)
     queued_at: float = field(default_factory=time.monotonic)
     finish_reason: str | None = None
@@ -54,6 +61,13 @@ class Session:
     phase: Phase = Phase.ACTIVE
     request: Request | None = None
     created_at: float = field(default_factory=time.time)
+    kv: KVPlace = KVPlace.DEVICE
+    host_runs: list = field(default_factory=list)   # (start, length) runs in the host arena
+    last_used: float = field(default_factory=time.monotonic)
+    phase_since: float = field(default_factory=time.monotonic)
+    prefetch_at: float | None = None                # semantic: when the tool is expected back
+    transfers: list = field(default_factory=list)   # copies in flight that touch this session's KV
+    prefetched: bool = False                        # KV came back by prefetch since the last request
 
     @property
     def num_new_tokens(self) -> int:

@@ -1,14 +1,24 @@
 """Block pool and scheduler: admission as blocks allow, FIFO waiting, reservations trimmed on finish."""
 import torch
 
+from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
 from djinnd.memory.block_pool import KVBlockPool, bytes_per_block
+from djinnd.memory.host_arena import HostArena
+from djinnd.memory.swapper import Swapper
+from djinnd.metrics import Metrics
 from djinnd.session import Request, SamplingParams, Session, SessionState
 
 
 def pool_of(num_blocks: int, block_size=4) -> KVBlockPool:
     per = bytes_per_block(2, 1, 8, block_size, torch.float32)
     return KVBlockPool(2, 1, 8, block_size, per * num_blocks, torch.float32, "cpu")
+
+
+def scheduler_of(pool, policy="none", host_blocks=0) -> Scheduler:
+    arena = HostArena(host_blocks, pool.host_block_shape, torch.float32, pin=False)
+    pager = Pager(policy, pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
+    return Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100)
 
 
 def waiting_session(sid: int, num_prompt: int, max_new: int) -> Session:
@@ -28,7 +38,7 @@ def test_pool_size_follows_the_budget_and_blocks_are_not_leaked():
 
 
 def test_admits_fifo_as_blocks_allow_and_decodes_everyone_running():
-    sched = Scheduler(pool_of(5), max_num_seqs=8, max_num_batched_tokens=100)
+    sched = scheduler_of(pool_of(5))
     s1, s2, s3 = (waiting_session(i, 6, 2) for i in (1, 2, 3))   # 2 blocks each
     s4 = waiting_session(4, 1, 1)                                  # 1 block: fits, but queued behind s3
     for s in (s1, s2, s3, s4):
@@ -46,7 +56,7 @@ def test_admits_fifo_as_blocks_allow_and_decodes_everyone_running():
 
 def test_finish_keeps_the_blocks_its_tokens_use():
     pool = pool_of(8)
-    sched = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=100)
+    sched = scheduler_of(pool)
     s = waiting_session(1, 5, 20)                     # reserves ceil(25 / 4) = 7 blocks
     sched.add(s)
     sched.schedule()

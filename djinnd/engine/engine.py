@@ -8,10 +8,12 @@ import time
 
 from djinnd.engine import commands as cmd
 from djinnd.engine.runner import Runner
+from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
+from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
-from djinnd.session import Phase, Request, Session, SessionState
+from djinnd.session import KVPlace, Phase, Request, Session, SessionState
 from libdjinn.protocol import ErrorCode
 
 log = logging.getLogger("djinnd.engine")
@@ -24,39 +26,47 @@ class EngineError(Exception):
 
 
 class Engine:
-    def __init__(self, loaded, pool, config, device):
-        self.loaded, self.pool, self.config, self.device = loaded, pool, config, device
+    def __init__(self, loaded, pool, arena, config, device):
+        self.loaded, self.pool, self.arena, self.config, self.device = loaded, pool, arena, config, device
         args = loaded.model.args
         self.max_model_len = config.model.max_model_len or args.max_position_embeddings
         self.eos = set(args.eos_token_ids)
-        self.runner = Runner(loaded.model, pool, device)
-        self.scheduler = Scheduler(pool, config.engine.max_num_seqs, config.engine.max_num_batched_tokens)
-        self.sessions: dict[int, Session] = {}
-        self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.metrics = Metrics()
+        self.runner = Runner(loaded.model, pool, device)
+        self.pager = Pager(config.memory.policy, pool, arena, Swapper(pool, arena, device, self.metrics),
+                           config.memory.prefetch_lead_ms / 1e3)
+        self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
+        self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
+                                   config.engine.max_num_batched_tokens)
+        self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
 
     # ---- thread ---------------------------------------------------------------------------
-    def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="djinn-engine", daemon=True)
-        thread.start()
-        return thread
+    def start(self):
+        self._thread = threading.Thread(target=self.run, name="djinn-engine", daemon=True)
+        self._thread.start()
 
     def stop(self):
         self._stop.set()
         self.inbox.put(None)
 
+    def join(self, timeout: float = 30):
+        self._thread.join(timeout)
+
     def run(self):
         while not self._stop.is_set():
-            self._drain(block=not self.scheduler.has_work())
+            self.pager.poll()
+            next_prefetch = self.pager.tick()
+            idle = not self.scheduler.has_work()
+            self._drain(timeout=(0.001 if self.pager.busy() else min(next_prefetch or 0.5, 0.5)) if idle else 0)
             if self.scheduler.has_work():
                 self.step()
 
-    def _drain(self, block: bool):
+    def _drain(self, timeout: float):
         try:
-            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            item = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
             while item is not None:
                 self._handle(item)
                 item = self.inbox.get_nowait()
@@ -102,7 +112,6 @@ class Engine:
             reply(cmd.Failed(ErrorCode.UNKNOWN_SESSION, f"session {s.id}: {why}"))
         self.scheduler.drop(s)
         self.runner.forget(s.id)
-        del self.sessions[s.id]
         self.metrics.inc("sessions_closed")
 
     def _release_owner(self, c: cmd.ReleaseOwner):
@@ -115,9 +124,10 @@ class Engine:
     def _set_phase(self, c: cmd.SetPhase):
         s = self._owned(c.owner, c.session)
         try:
-            s.phase = Phase(c.phase)
+            phase = Phase(c.phase)
         except ValueError:
             raise EngineError(ErrorCode.BAD_REQUEST, f"unknown phase {c.phase!r}; use ACTIVE or IO_WAIT")
+        self.pager.on_phase(s, phase, c.expected_s)
         c.reply(cmd.Result({"session": s.id, "phase": s.phase.value}))
 
     def _generate(self, c: cmd.Generate):
@@ -135,7 +145,8 @@ class Engine:
         if any(not 0 <= t < self.loaded.model.args.vocab_size for t in c.prompt_ids):
             raise EngineError(ErrorCode.BAD_REQUEST, "prompt_ids holds a token outside the vocabulary")
         s.tokens.extend(c.prompt_ids)
-        s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached)
+        s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
+        s.prefetched = False
         self.replies[s.id] = c.reply
         self.scheduler.add(s)
         self.metrics.inc("requests")
@@ -143,6 +154,7 @@ class Engine:
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
         batch, is_prefill = self.scheduler.schedule()
+        self._refuse(self.scheduler.refused)
         if not batch:
             time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
             return
@@ -150,6 +162,9 @@ class Engine:
         if is_prefill:
             self.metrics.inc("prompt_tokens", sum(s.num_new_tokens for s in batch))
             self.metrics.inc("cached_tokens_reused", sum(s.num_cached for s in batch))
+            for s in batch:
+                self.metrics.observe_ms("queue_wait", (time.monotonic() - s.request.queued_at) * 1e3)
+        self.pager.before_forward(batch)
         try:
             new_tokens = self.runner.run(batch)
         except Exception as e:
@@ -164,6 +179,10 @@ class Engine:
 
     def _append(self, s: Session, token: int):
         req = s.request
+        if not req.output:
+            ttft = (time.monotonic() - req.queued_at) * 1e3
+            self.metrics.observe_ms("ttft", ttft)
+            self.metrics.observe_ms(f"ttft_{req.kv_at_arrival}", ttft)
         req.output.append(token)
         s.tokens.append(token)
         self.metrics.inc("tokens_generated")
@@ -176,11 +195,32 @@ class Engine:
     def _end(self, s: Session, reason: str | None, failure: cmd.Failed | None = None):
         req = s.request
         self.scheduler.finish(s)
+        s.last_used = time.monotonic()
         self.runner.forget(s.id)
         s.request = None
         reply = self.replies.pop(s.id)
         reply(failure or cmd.Done(req.output, reason, req.num_prompt_tokens, req.num_cached))
 
+    def _refuse(self, refused: list):
+        for s, why in refused:
+            s.tokens = s.tokens[:len(s.tokens) - s.request.num_prompt_tokens]
+            s.request = None
+            s.change_state(SessionState.IDLE)
+            self.replies.pop(s.id)(cmd.Failed(ErrorCode.NO_CAPACITY, f"session {s.id}: {why}"))
+            self.metrics.inc("requests_refused")
+        refused.clear()
+
     # ---- status ---------------------------------------------------------------------------
     def _status(self, c: cmd.Status):
         c.reply(cmd.Result(engine_status(self)))
+
+
+def _kv_state(s: Session) -> str:
+    """How a request found its session's KV: the resume path it will take."""
+    if s.kv is KVPlace.HOST:
+        return "swapped"
+    if s.kv is KVPlace.DROPPED:
+        return "dropped"
+    if s.prefetched:
+        return "prefetched"
+    return "resident"

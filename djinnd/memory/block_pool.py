@@ -26,6 +26,12 @@ class KVBlockPool:
         self._free = deque(range(self.num_blocks))
 
     @property
+    def host_block_shape(self) -> tuple:
+        """One block of all layers' K and V, as the host arena stores it: [2, layers, slots, heads, dim]."""
+        layers, _, slots, heads, dim = self.k.shape
+        return (2, layers, slots, heads, dim)
+
+    @property
     def num_free(self) -> int:
         return len(self._free)
 

@@ -1,0 +1,113 @@
+"""Pager: moves sessions' KV between the device pool and the host arena as the policy says.
+
+Called by the engine on phase signals and timers, and by the scheduler when admission needs
+room or a swapped session needs its KV back. Blocks a copy still reads or writes are freed
+only when the swapper reports the copy finished.
+"""
+import time
+
+from djinnd.memory import policies
+from djinnd.session import KVPlace, Phase, Session, SessionState
+
+
+class Pager:
+    def __init__(self, policy: str, pool, arena, swapper, prefetch_lead_s: float):
+        self.policy, self.pool, self.arena, self.swapper = policy, pool, arena, swapper
+        self.prefetch_lead_s = prefetch_lead_s
+        self.sessions: dict[int, Session] = {}
+
+    # ---- signals ----------------------------------------------------------------------------
+    def on_phase(self, s: Session, phase: Phase, expected_s: float | None):
+        s.phase, s.phase_since = phase, time.monotonic()
+        s.prefetch_at = None
+        if not policies.evicts_on_signal(self.policy):
+            return
+        if phase is Phase.IO_WAIT:
+            if policies.evictable(s):
+                self.evict(s, "signal")
+            if expected_s is not None:
+                s.prefetch_at = time.monotonic() + max(0.0, expected_s - self.prefetch_lead_s)
+        else:
+            self.prefetch(s)
+
+    def tick(self) -> float | None:
+        """Start prefetches whose time has come; seconds until the next one, if any."""
+        now, soonest = time.monotonic(), None
+        for s in self.sessions.values():
+            if s.prefetch_at is None:
+                continue
+            if s.prefetch_at <= now:
+                s.prefetch_at = None
+                self.prefetch(s)
+            else:
+                soonest = min(soonest or 1e9, s.prefetch_at - now)
+        return soonest
+
+    # ---- moves -------------------------------------------------------------------------------
+    def evict(self, s: Session, cause: str) -> bool:
+        blocks = s.block_table
+        if not policies.evicts_by_copy(self.policy):
+            self.pool.free(blocks)
+            s.block_table, s.num_cached, s.kv = [], 0, KVPlace.DROPPED
+            return True
+        if not self.arena.can_allocate(len(blocks)):
+            return False        # host arena full: the KV stays where it is
+        runs = self.arena.allocate(len(blocks))
+        s.transfers.append(self.swapper.swap_out(s.id, blocks, runs, cause))
+        s.transfers[-1].free_device = blocks
+        s.block_table, s.host_runs, s.kv = [], runs, KVPlace.HOST
+        return True
+
+    def restore(self, s: Session, blocks: list[int], cause: str):
+        """Copy s's swapped KV into the first of `blocks` (allocated for it by the caller)."""
+        n = sum(length for _, length in s.host_runs)
+        t = self.swapper.swap_in(s.id, s.host_runs, blocks[:n], cause, after=list(s.transfers))
+        t.free_host = s.host_runs
+        s.transfers.append(t)
+        s.host_runs, s.kv, s.block_table = [], KVPlace.DEVICE, blocks
+
+    def prefetch(self, s: Session):
+        n = sum(length for _, length in s.host_runs)
+        if s.kv is KVPlace.HOST and s.state is SessionState.IDLE and self.pool.can_allocate(n):
+            self.restore(s, self.pool.allocate(n), "prefetch")
+            s.prefetched = True
+
+    def make_room(self, num_blocks: int) -> int:
+        """Evict per policy toward num_blocks free device blocks; returns blocks set free or on the way."""
+        freed = 0
+        for s in policies.victims(self.policy, self.sessions.values(), num_blocks):
+            n = len(s.block_table)
+            if self.evict(s, "pressure"):
+                freed += n
+        return freed
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def poll(self):
+        for t in self.swapper.poll():
+            self.pool.free(t.free_device)
+            self.arena.free(t.free_host)
+            s = self.sessions.get(t.session)
+            if s is not None and t in s.transfers:
+                s.transfers.remove(t)
+
+    def freeing(self) -> int:
+        """Device blocks that copies in flight will set free."""
+        return sum(len(t.free_device) for t in self.swapper.in_flight)
+
+    def busy(self) -> bool:
+        return bool(self.swapper.in_flight)
+
+    def before_forward(self, batch: list[Session]):
+        self.swapper.wait_before_compute([t for s in batch for t in s.transfers if t.direction == "in"])
+
+    def release(self, s: Session):
+        """Session gone: free its KV now, or when the copies that touch it finish."""
+        if s.transfers:
+            last = s.transfers[-1]
+            last.free_device += s.block_table
+            last.free_host += s.host_runs
+        else:
+            self.pool.free(s.block_table)
+            self.arena.free(s.host_runs)
+        s.block_table, s.host_runs = [], []
+        self.sessions.pop(s.id, None)

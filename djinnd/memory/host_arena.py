@@ -1,0 +1,146 @@
+"""HostArena: swapped-out KV blocks live here, in POSIX shared memory named for this daemon.
+
+On CUDA the mapping is page-locked with cudaHostRegister in chunks on a background thread
+(registering costs ~0.8 s per GB), so start-up is not blocked; copies to a chunk not yet pinned
+are merely slower. Segments are unlinked on close and, after a crash, at the next start.
+"""
+import itertools
+import mmap
+import os
+import re
+import threading
+import time
+import weakref
+
+import posix_ipc
+import torch
+
+SEGMENT_PREFIX = "djinn-"
+
+
+_serial = itertools.count()
+
+
+def segment_name(pid: int) -> str:
+    return f"/{SEGMENT_PREFIX}{pid}-kv{next(_serial)}"
+
+
+def _unlink(name: str):
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def sweep_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink the segments of djinnd processes that no longer exist."""
+    removed = []
+    for name in os.listdir(shm_dir) if os.path.isdir(shm_dir) else []:
+        m = re.fullmatch(rf"{SEGMENT_PREFIX}(\d+)-.+", name)
+        if m and not _pid_alive(int(m.group(1))):
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class HostArena:
+    def __init__(self, num_blocks: int, block_shape: tuple, dtype, pin: bool, pin_chunk_bytes: int = 256 << 20):
+        """num_blocks host blocks, each of block_shape ([2, layers, block_size, kv_heads, head_dim])."""
+        self.num_blocks = num_blocks
+        self.block_bytes = torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).element_size()
+        self.size = max(self.num_blocks * self.block_bytes, mmap.PAGESIZE)
+        self.name = segment_name(os.getpid())
+        self._shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=self.size)
+        self._map = mmap.mmap(self._shm.fd, self.size)
+        self._shm.close_fd()
+        weakref.finalize(self, _unlink, self.name)     # unlinked even if close() is never called
+        count = num_blocks * torch.Size(block_shape).numel()
+        self.blocks = (torch.frombuffer(self._map, dtype=dtype, count=count) if count
+                       else torch.empty(0, dtype=dtype)).view(num_blocks, *block_shape)
+        self._free = [(0, num_blocks)]            # sorted (start, length) runs
+        self.num_used = 0
+        self.pin_seconds = None                   # set once every chunk is page-locked
+        self._pinned: list[tuple[int, int]] = []
+        self._pin_thread = None
+        if pin and num_blocks:
+            self._pin_thread = threading.Thread(target=self._pin, args=(pin_chunk_bytes,), daemon=True)
+            self._pin_thread.start()
+
+    # ---- runs of host blocks ---------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return self.num_blocks - self.num_used
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= self.num_free
+
+    def allocate(self, n: int) -> list[tuple[int, int]]:
+        """n blocks as few (start, length) runs as first fit allows; one run when it can."""
+        if not self.can_allocate(n):
+            raise MemoryError(f"host arena: asked for {n} blocks, {self.num_free} free")
+        whole = next((i for i, (_, length) in enumerate(self._free) if length >= n), None)
+        order = [whole] if whole is not None else list(range(len(self._free)))
+        runs, left = [], n
+        for i in order:
+            start, length = self._free[i]
+            take = min(length, left)
+            runs.append((start, take))
+            left -= take
+            if left == 0:
+                break
+        for start, take in runs:
+            self._carve(start, take)
+        self.num_used += n
+        return runs
+
+    def _carve(self, start: int, take: int):
+        i = next(i for i, (s, _) in enumerate(self._free) if s == start)
+        s, length = self._free[i]
+        if take == length:
+            del self._free[i]
+        else:
+            self._free[i] = (s + take, length - take)
+
+    def free(self, runs: list[tuple[int, int]]):
+        merged = sorted(self._free + list(runs))
+        self._free = []
+        for start, length in merged:       # coalesce neighbours
+            if self._free and self._free[-1][0] + self._free[-1][1] == start:
+                self._free[-1] = (self._free[-1][0], self._free[-1][1] + length)
+            else:
+                self._free.append((start, length))
+        self.num_used -= sum(length for _, length in runs)
+
+    # ---- pinning and teardown ----------------------------------------------------------------
+    def _pin(self, chunk_bytes: int):
+        from djinnd.memory.cudart import host_register
+        base = self.blocks.data_ptr()
+        started = time.perf_counter()
+        for offset in range(0, self.size, chunk_bytes):
+            size = min(chunk_bytes, self.size - offset)
+            host_register(base + offset, size)
+            self._pinned.append((base + offset, size))
+        self.pin_seconds = time.perf_counter() - started
+
+    def close(self):
+        if self._pin_thread:
+            self._pin_thread.join()
+            from djinnd.memory.cudart import host_unregister
+            for ptr, _ in self._pinned:
+                host_unregister(ptr)
+        del self.blocks
+        try:
+            self._map.close()
+        except BufferError:
+            pass                       # a view is still alive; the mapping goes with the process
+        _unlink(self.name)
