@@ -43,16 +43,18 @@ class Metrics:
     def snapshot(self) -> dict:
         return {"uptime_s": round(time.time() - self.started_at, 1), **self.counters}
 
-    def swap_report(self, recent: int = 20) -> dict:
+    def swap_report(self, recent: int = 20, with_samples: bool = False) -> dict:
         rows = {}
         for direction in ("out", "in"):
             recs = [r for r in self.swaps if r.direction == direction]
             rows[direction] = summary([r.ms for r in recs]) | {
                 "gb_per_s_median": statistics.median([r.gb_per_s for r in recs]) if recs else None,
                 "bytes": sum(r.bytes for r in recs)}
-        return {"swaps": rows, "latency_ms": {k: summary(list(v)) for k, v in self.latency.items()},
-                "recent": [asdict(r) | {"gb_per_s": r.gb_per_s} for r in list(self.swaps)[-recent:]],
-                "all_ms": {d: [r.ms for r in self.swaps if r.direction == d] for d in ("out", "in")}}
+        report = {"swaps": rows, "latency_ms": {k: summary(list(v)) for k, v in self.latency.items()},
+                  "recent": [asdict(r) | {"gb_per_s": r.gb_per_s} for r in list(self.swaps)[-recent:]]}
+        if with_samples:
+            report["all_ms"] = {d: [r.ms for r in self.swaps if r.direction == d] for d in ("out", "in")}
+        return report
 
 
 def summary(samples: list[float]) -> dict:

@@ -58,6 +58,8 @@ REQUESTS = {
         "ignore_eos": ((bool,), False),
     },
     "status": {},
+    "swaps": {},
+    "timeline": {},
 }
 
 

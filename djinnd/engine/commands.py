@@ -53,6 +53,7 @@ class ReleaseOwner:
 @dataclass
 class Status:
     reply: Reply
+    report: str = "status"        # status, swaps or timeline
 
 
 # Events

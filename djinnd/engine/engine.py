@@ -62,7 +62,11 @@ class Engine:
             idle = not self.scheduler.has_work()
             self._drain(timeout=(0.001 if self.pager.busy() else min(next_prefetch or 0.5, 0.5)) if idle else 0)
             if self.scheduler.has_work():
-                self.step()
+                try:
+                    self.step()
+                except Exception:          # a bug must never stop the engine thread
+                    log.exception("engine step failed")
+                    self.metrics.inc("engine_step_errors")
 
     def _drain(self, timeout: float):
         try:
@@ -212,7 +216,12 @@ class Engine:
 
     # ---- status ---------------------------------------------------------------------------
     def _status(self, c: cmd.Status):
-        c.reply(cmd.Result(engine_status(self)))
+        if c.report == "swaps":
+            c.reply(cmd.Result(self.metrics.swap_report(with_samples=True)))
+        elif c.report == "timeline":
+            c.reply(cmd.Result({"timeline": list(self.metrics.timeline)}))
+        else:
+            c.reply(cmd.Result(engine_status(self)))
 
 
 def _kv_state(s: Session) -> str:

@@ -72,10 +72,11 @@ class Pager:
             self.restore(s, self.pool.allocate(n), "prefetch")
             s.prefetched = True
 
-    def make_room(self, num_blocks: int) -> int:
-        """Evict per policy toward num_blocks free device blocks; returns blocks set free or on the way."""
+    def make_room(self, num_blocks: int, admitting: Session) -> int:
+        """Evict per policy toward num_blocks free device blocks for `admitting`; returns blocks set
+        free or on the way."""
         freed = 0
-        for s in policies.victims(self.policy, self.sessions.values(), num_blocks):
+        for s in policies.victims(self.policy, self.sessions.values(), num_blocks, exclude=admitting):
             n = len(s.block_table)
             if self.evict(s, "pressure"):
                 freed += n

@@ -53,13 +53,14 @@ class Scheduler:
     def _room_for(self, s: Session, batch: list) -> bool:
         if s.transfers and s.kv is KVPlace.HOST:
             return False            # its swap-out is still copying; admit it next step
-        shortfall = self.blocks_needed(s) - self.pool.num_free - self.pager.freeing()
-        if shortfall <= 0:
+        needed = self.blocks_needed(s)
+        if needed <= self.pool.num_free:
             return True
-        if self.pager.make_room(shortfall) == 0 and not (self.running or batch or self.pager.busy()):
+        shortfall = needed - self.pool.num_free - self.pager.freeing()   # evictions in flight count
+        if shortfall > 0 and self.pager.make_room(shortfall, s) == 0 and not (self.running or batch or self.pager.busy()):
             self.waiting.popleft()  # nothing runs, nothing can be evicted: it would wait forever
-            self.refused.append((s, f"needs {self.blocks_needed(s)} KV blocks, {self.pool.num_free} free and "
-                                    f"none can be freed (policy {self.pager.policy}, host arena "
+            self.refused.append((s, f"needs {needed} KV blocks, {self.pool.num_free} free and none can be "
+                                    f"freed (policy {self.pager.policy}, host arena "
                                     f"{self.pager.arena.num_free}/{self.pager.arena.num_blocks} blocks free)"))
         return False
 

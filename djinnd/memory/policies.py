@@ -22,18 +22,22 @@ def evicts_by_copy(policy: str) -> bool:
 
 
 def evictable(s: Session) -> bool:
-    return s.state is SessionState.IDLE and s.kv is KVPlace.DEVICE and bool(s.block_table) and not s.transfers
+    """Not in the batch, KV on the device, no copy in flight. A queued session's KV may go too:
+    it comes back when the session is admitted."""
+    return (s.state is not SessionState.RUNNING and s.kv is KVPlace.DEVICE and bool(s.block_table)
+            and not s.transfers)
 
 
-def victims(policy: str, sessions, num_blocks: int) -> list[Session]:
+def victims(policy: str, sessions, num_blocks: int, exclude: Session | None = None) -> list[Session]:
     """Sessions to evict, in order, until num_blocks device blocks would be free."""
     if policy == "none":
         return []
-    candidates = [s for s in sessions if evictable(s)]
+    candidates = [s for s in sessions if evictable(s) and s is not exclude]
+    queued_last = lambda s: s.state is SessionState.WAITING  # noqa: E731
     if policy == "semantic":   # agents in a tool call first, then by recency
-        candidates.sort(key=lambda s: (s.phase is not Phase.IO_WAIT, s.last_used))
+        candidates.sort(key=lambda s: (queued_last(s), s.phase is not Phase.IO_WAIT, s.last_used))
     else:
-        candidates.sort(key=lambda s: s.last_used)
+        candidates.sort(key=lambda s: (queued_last(s), s.last_used))
     chosen, freed = [], 0
     for s in candidates:
         if freed >= num_blocks:

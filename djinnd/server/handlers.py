@@ -61,6 +61,12 @@ class Connection:
     def _on_status(self, rid, f):
         self.inbox.put(cmd.Status(self._simple(rid)))
 
+    def _on_swaps(self, rid, f):
+        self.inbox.put(cmd.Status(self._simple(rid), "swaps"))
+
+    def _on_timeline(self, rid, f):
+        self.inbox.put(cmd.Status(self._simple(rid), "timeline"))
+
     def _on_generate(self, rid, f):
         params = sampling_params(f)
         ids, chat = self._prompt_ids(f)

@@ -1,0 +1,123 @@
+"""Memory virtualization with real agent processes: more KV than the pool holds, every agent
+finishes, and its tokens equal an unswapped run (HF transformers) whatever the policy."""
+import json
+import os
+
+import pytest
+import torch
+
+import libdjinn
+from conftest import hf_greedy, hf_reference, random_prompts, start_daemon, stop_daemon
+from djinnd.model.presets import build_random
+from test_daemon import TINY_VOCAB, spawn_agent
+
+POOL_MB = "0.25"      # random:tiny: 16 KiB per 16-token block, so 16 blocks: about 3 agents' worth
+NUM_AGENTS = 22
+
+
+@pytest.fixture(scope="module")
+def hf_tiny():
+    return hf_reference(build_random("tiny", 0, torch.float32, "cpu"))
+
+
+def agent_jobs(first, second, new_tokens=20):
+    gen = {"max_new_tokens": new_tokens, "ignore_eos": True}
+    return [{"prompt_ids": first, **gen}, {"tool_s": 0.3, "expected_s": 0.3}, {"prompt_ids": second, **gen}]
+
+
+@pytest.mark.parametrize("policy", ["semantic", "lru", "recompute"])
+def test_oversubscribed_agents_all_finish_with_unswapped_tokens(tmp_path, hf_tiny, policy):
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", POOL_MB, "--policy", policy,
+                          "--timeline-period-ms", "10")
+    try:
+        prompts = random_prompts(TINY_VOCAB, [30 + i % 7 for i in range(2 * NUM_AGENTS)], seed=11)
+        pairs = list(zip(prompts[::2], prompts[1::2]))
+        agents = [spawn_agent(daemon.socket, agent_jobs(a, b)) for a, b in pairs]
+        outs = [agent.communicate(timeout=300) for agent in agents]
+        with libdjinn.connect(daemon.socket) as djinn:
+            status, timeline = djinn.status(), djinn.request("timeline")["timeline"]
+    finally:
+        stop_daemon(daemon)
+    for (first, second), agent, (out, err) in zip(pairs, agents, outs):
+        assert agent.returncode == 0, err
+        turn1, turn2 = json.loads(out)
+        assert turn1["tokens"] == hf_greedy(hf_tiny, first, 20), err
+        assert turn2["tokens"] == hf_greedy(hf_tiny, first + turn1["tokens"] + second, 20), err
+    pool = status["memory"]["kv_pool_bytes"]
+    kv_needed = NUM_AGENTS * 80 * 1024               # ~80 tokens of 1 KiB each per agent
+    assert kv_needed > 5 * pool                       # really oversubscribed
+    used = [s["kv_pool_used_bytes"] for s in timeline]
+    assert max(used) <= pool and used.count(pool) >= 3      # the plateau at the budget
+    if policy == "recompute":
+        assert status["counters"].get("swaps_out", 0) == 0
+    else:
+        assert status["counters"]["swaps_out"] > 0 and status["counters"]["swaps_in"] > 0
+        assert max(s["host_arena_used_bytes"] for s in timeline) > 0
+
+
+def fill_two_sessions(djinn, hf_tiny):
+    sessions, prompts = [djinn.session(), djinn.session()], random_prompts(TINY_VOCAB, [30, 31], seed=12)
+    outs = [s.generate(prompt_ids=p, max_new_tokens=10, ignore_eos=True).tokens for s, p in zip(sessions, prompts)]
+    return sessions, prompts, outs
+
+
+def test_policy_none_refuses_with_the_shortfall(tmp_path, hf_tiny):
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.125", "--policy", "none")
+    try:
+        with libdjinn.connect(daemon.socket) as djinn:
+            sessions, prompts, outs = fill_two_sessions(djinn, hf_tiny)      # 3 of 8 blocks each
+            with pytest.raises(libdjinn.NoCapacity, match=r"needs 3 KV blocks, 2 free"):
+                djinn.session().generate(prompt_ids=[7] * 30, max_new_tokens=10)
+            more = sessions[0].generate(prompt_ids=[9], max_new_tokens=4, ignore_eos=True).tokens
+        assert more == hf_greedy(hf_tiny, prompts[0] + outs[0] + [9], 4)
+        assert daemon.alive()
+    finally:
+        stop_daemon(daemon)
+
+
+def test_full_host_arena_refuses_clearly_and_loses_nothing(tmp_path, hf_tiny):
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.125",
+                          "--host-arena-mb", "0.03")          # one host block: no session fits
+    try:
+        with libdjinn.connect(daemon.socket) as djinn:
+            sessions, prompts, outs = fill_two_sessions(djinn, hf_tiny)
+            with pytest.raises(libdjinn.NoCapacity, match="host arena 1/1 blocks free"):
+                djinn.session().generate(prompt_ids=[7] * 30, max_new_tokens=10)
+            for s, p, o in zip(sessions, prompts, outs):
+                assert s.generate(prompt_ids=[9], max_new_tokens=4, ignore_eos=True).tokens == \
+                    hf_greedy(hf_tiny, p + o + [9], 4)
+    finally:
+        stop_daemon(daemon)
+
+
+def test_io_wait_evicts_at_once_and_active_prefetches(tmp_path, hf_tiny):
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "1")
+    try:
+        with libdjinn.connect(daemon.socket) as djinn:
+            s = djinn.session()
+            [prompt] = random_prompts(TINY_VOCAB, [40], seed=13)
+            first = s.generate(prompt_ids=prompt, max_new_tokens=8, ignore_eos=True).tokens
+            s.signal_phase("IO_WAIT")
+            mine = lambda: next(r for r in djinn.status()["sessions"] if r["id"] == s.id)  # noqa: E731
+            assert mine()["kv_where"] == "host" and mine()["kv_blocks"] == 0 and mine()["host_blocks"] == 3   # 48 tokens
+            s.signal_phase("ACTIVE")
+            assert mine()["kv_where"] == "device" and mine()["host_blocks"] == 0
+            second = s.generate(prompt_ids=[5], max_new_tokens=6, ignore_eos=True)
+            swaps = djinn.request("swaps")
+        assert second.tokens == hf_greedy(hf_tiny, prompt + first + [5], 6)
+        assert second.cached_tokens == len(prompt) + len(first) - 1
+        assert [w["cause"] for w in swaps["recent"]] == ["signal", "prefetch"]
+        assert swaps["latency_ms"]["ttft_prefetched"]["count"] == 1
+    finally:
+        stop_daemon(daemon)
+
+
+def test_arena_segment_is_removed_on_exit_and_stale_ones_at_start(tmp_path):
+    stale = "/dev/shm/djinn-999999999-kv0"            # no such pid: a crashed daemon's leftover
+    open(stale, "wb").close()
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.5")
+    with libdjinn.connect(daemon.socket) as djinn:
+        segment = djinn.status()["memory"]["host_arena_segment"]
+    assert not os.path.exists(stale) and os.path.exists(f"/dev/shm{segment}")
+    stop_daemon(daemon)
+    assert not os.path.exists(f"/dev/shm{segment}")
