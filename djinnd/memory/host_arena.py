@@ -132,9 +132,14 @@ class HostArena:
             self._pinned.append((base + offset, size))
         self.pin_seconds = time.perf_counter() - started
 
-    def close(self):
+    def wait_pinned(self):
+        """Block until every chunk is page-locked (benchmarks; the daemon never waits)."""
         if self._pin_thread:
             self._pin_thread.join()
+
+    def close(self):
+        if self._pin_thread:
+            self.wait_pinned()
             from djinnd.memory.cudart import host_unregister
             for ptr, _ in self._pinned:
                 host_unregister(ptr)
