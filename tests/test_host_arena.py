@@ -39,3 +39,10 @@ def test_swap_out_and_in_moves_kv_exactly_to_new_blocks():
     assert [t.direction for t in swapper.poll()] == ["out", "in"]
     assert metrics.counters["swap_bytes_out"] == 3 * pool.block_bytes
     arena.close()
+
+
+def test_pieces_never_cross_a_pinning_chunk():
+    arena = HostArena(40, (2, 1, 4, 4, 8), torch.float32, pin=False, pin_chunk_bytes=16 << 10)
+    assert arena.chunk_blocks == 16                 # 1 KiB blocks: 16 to a 16 KiB chunk
+    assert list(arena.pieces([(10, 30)])) == [(10, 6), (16, 16), (32, 8)]
+    arena.close()

@@ -5,6 +5,7 @@ On CUDA the mapping is page-locked with cudaHostRegister in chunks on a backgrou
 are merely slower. Segments are unlinked on close and, after a crash, at the next start.
 """
 import itertools
+import math
 import mmap
 import os
 import re
@@ -30,6 +31,19 @@ def _unlink(name: str):
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
         pass
+
+
+def _release(name: str, mapping, pinned: list, pin_thread):
+    """Unregister before the mapping can go (a freed, still-registered range poisons the next
+    mmap at that address), then unlink. Holding `mapping` keeps it alive until here."""
+    if pin_thread:
+        pin_thread.join()
+    if pinned:
+        from djinnd.memory.cudart import host_unregister
+        for ptr, _ in pinned:
+            host_unregister(ptr)
+        pinned.clear()
+    _unlink(name)
 
 
 def sweep_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
@@ -63,18 +77,22 @@ class HostArena:
         self._shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=self.size)
         self._map = mmap.mmap(self._shm.fd, self.size)
         self._shm.close_fd()
-        weakref.finalize(self, _unlink, self.name)     # unlinked even if close() is never called
         count = num_blocks * torch.Size(block_shape).numel()
         self.blocks = (torch.frombuffer(self._map, dtype=dtype, count=count) if count
                        else torch.empty(0, dtype=dtype)).view(num_blocks, *block_shape)
         self._free = [(0, num_blocks)]            # sorted (start, length) runs
         self.num_used = 0
         self.pin_seconds = None                   # set once every chunk is page-locked
+        # Chunks are whole blocks and whole pages; a copy never spans two (CUDA refuses a copy
+        # across two registrations).
+        page_blocks = mmap.PAGESIZE // math.gcd(self.block_bytes, mmap.PAGESIZE) if self.block_bytes else 1
+        self.chunk_blocks = max(page_blocks, pin_chunk_bytes // max(self.block_bytes, 1) // page_blocks * page_blocks)
         self._pinned: list[tuple[int, int]] = []
         self._pin_thread = None
         if pin and num_blocks:
-            self._pin_thread = threading.Thread(target=self._pin, args=(pin_chunk_bytes,), daemon=True)
+            self._pin_thread = threading.Thread(target=self._pin, daemon=True)
             self._pin_thread.start()
+        self._finalizer = weakref.finalize(self, _release, self.name, self._map, self._pinned, self._pin_thread)
 
     # ---- runs of host blocks ---------------------------------------------------------------
     @property
@@ -122,14 +140,21 @@ class HostArena:
         self.num_used -= sum(length for _, length in runs)
 
     # ---- pinning and teardown ----------------------------------------------------------------
-    def _pin(self, chunk_bytes: int):
+    def pieces(self, runs):
+        """Split runs at chunk boundaries: each piece lies in one registration."""
+        for start, length in runs:
+            while length:
+                take = min(length, self.chunk_blocks - start % self.chunk_blocks)
+                yield start, take
+                start, length = start + take, length - take
+
+    def _pin(self):
         from djinnd.memory.cudart import host_register
-        base = self.blocks.data_ptr()
-        started = time.perf_counter()
-        for offset in range(0, self.size, chunk_bytes):
-            size = min(chunk_bytes, self.size - offset)
-            host_register(base + offset, size)
-            self._pinned.append((base + offset, size))
+        base, started = self.blocks.data_ptr(), time.perf_counter()
+        for first in range(0, self.num_blocks, self.chunk_blocks):
+            count = min(self.chunk_blocks, self.num_blocks - first)
+            host_register(base + first * self.block_bytes, count * self.block_bytes)
+            self._pinned.append((base + first * self.block_bytes, count * self.block_bytes))
         self.pin_seconds = time.perf_counter() - started
 
     def wait_pinned(self):
@@ -138,14 +163,9 @@ class HostArena:
             self._pin_thread.join()
 
     def close(self):
-        if self._pin_thread:
-            self.wait_pinned()
-            from djinnd.memory.cudart import host_unregister
-            for ptr, _ in self._pinned:
-                host_unregister(ptr)
+        self._finalizer()
         del self.blocks
         try:
             self._map.close()
         except BufferError:
             pass                       # a view is still alive; the mapping goes with the process
-        _unlink(self.name)

@@ -46,7 +46,7 @@ class Swapper:
             staged = torch.stack((self.pool.k.index_select(1, idx), self.pool.v.index_select(1, idx)), dim=1)
             staged = staged.transpose(0, 2).contiguous()     # [L, 2, n, ...] -> [n, 2, L, ...], a host block each
             offset = 0
-            for start, length in host_runs:
+            for start, length in self.arena.pieces(host_runs):
                 self.arena.blocks[start:start + length].copy_(staged[offset:offset + length], non_blocking=True)
                 offset += length
             t.staged = staged
@@ -56,7 +56,8 @@ class Swapper:
         """after: transfers (a swap-out of the same KV) this copy must follow."""
         t = Transfer(session, "in", cause, len(device_blocks) * self.arena.block_bytes)
         with self._on_stream("in", t, after):
-            parts = [self.arena.blocks[s:s + n].to(self.device, non_blocking=True) for s, n in host_runs]
+            parts = [self.arena.blocks[s:s + n].to(self.device, non_blocking=True)
+                     for s, n in self.arena.pieces(host_runs)]
             staged = torch.cat(parts) if len(parts) > 1 else parts[0]          # [n, 2, L, ...]
             idx = torch.tensor(device_blocks, device=self.device)
             self.pool.k.index_copy_(1, idx, staged[:, 0].transpose(0, 1))
