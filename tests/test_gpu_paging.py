@@ -1,5 +1,5 @@
-"""On CUDA: KV swapped to the pinned host arena and back on side streams gives the tokens of an
-unswapped run, for signal-driven and pressure-driven eviction."""
+"""On CUDA: KV swapped to the pinned host arena and back on side streams gives exactly the tokens
+of the same calls on a never-swapped engine, for signal-driven and pressure-driven eviction."""
 import pytest
 import torch
 
@@ -13,26 +13,33 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 
-def test_swapped_sessions_match_hf_on_cuda():
+def two_turns(policy: str, kv_cache_mb: float, signal: bool):
+    """8 sessions: turn one, a tool call (IO_WAIT), turn two. Returns tokens and swap counters."""
     engine = build_engine(load_config(None, {"model": "random:tiny", "device": "cuda", "dtype": "float32",
-                                             "kv_cache_mb": 0.25, "host_arena_mb": 8.0}))
+                                             "kv_cache_mb": kv_cache_mb, "host_arena_mb": 8.0, "policy": policy}))
     engine.arena.wait_pinned()
     engine.start()
     client = LocalClient(engine)
     prompts = random_prompts(engine.loaded.model.args.vocab_size, [30, 31, 32, 33, 34, 35, 36, 37], seed=4)
     sessions = [client.open() for _ in prompts]
     firsts = []
-    for s, p in zip(sessions, prompts):        # 8 sessions x 4 blocks in a 16-block pool: pressure
+    for s, p in zip(sessions, prompts):
         firsts.append(client.done(client.submit(s, p, 20))[0].tokens)
-        client.set_phase(s, "IO_WAIT", expected_s=0.05)
+        if signal:
+            client.set_phase(s, "IO_WAIT", expected_s=0.05)
     seconds = [client.done(client.submit(s, [7, 8], 10))[0].tokens for s in sessions]
     engine.stop()
     engine.join()
-    swaps = engine.metrics.counters
-    assert swaps["swaps_out"] >= 8 and swaps["swaps_in"] >= 8
-    assert engine.arena.pin_seconds is not None
-    hf = hf_reference(engine.loaded.model).cuda()
-    for p, first, second in zip(prompts, firsts, seconds):
-        assert first == hf_greedy(hf, p, 20)
-        assert second == hf_greedy(hf, p + first + [7, 8], 10)
     engine.arena.close()
+    return engine, prompts, firsts, seconds
+
+
+def test_swapped_sessions_match_a_never_swapped_run_on_cuda():
+    _, prompts, ref_firsts, ref_seconds = two_turns("none", 64.0, signal=False)
+    for kv_mb in (0.25, 4.0):     # 16 blocks (pressure on top of signals) or room for all
+        engine, _, firsts, seconds = two_turns("semantic", kv_mb, signal=True)
+        assert engine.metrics.counters["swaps_out"] >= 8 and engine.metrics.counters["swaps_in"] >= 8
+        assert engine.arena.pin_seconds is not None
+        assert (firsts, seconds) == (ref_firsts, ref_seconds)
+    hf = hf_reference(engine.loaded.model).cuda()
+    assert all(f == hf_greedy(hf, p, 20) for p, f in zip(prompts, firsts))
