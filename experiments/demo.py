@@ -10,26 +10,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import libdjinn  # noqa: E402
+from experiments.harness import ROOT, start_daemon, stop_daemon  # noqa: E402
 from libdjinn.ctl import format_status  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ["What is 17 * 23?", "What is 1234 + 4321?", "What is 99 - 45?", "What is 144 / 12?",
          "What is 7 * 8 * 9?", "What is 1000 - 1?", "What is 25 * 25?", "What is 81 / 9?"]
-
-
-def start_daemon(socket_path: str, model: str, log) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "djinnd", "--socket", socket_path, "--model", model],
-                            stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
-    for line in proc.stdout:
-        print(line.rstrip())
-        if line.startswith("djinnd: ready"):
-            return proc
-    raise RuntimeError("djinnd exited before it was ready; see the log above")
 
 
 def status_when_all_connected(socket_path: str, num_agents: int, timeout_s=60) -> str:
@@ -49,9 +37,9 @@ def main():
     p.add_argument("--agents", type=int, default=4)
     p.add_argument("--model", default="smollm2-135m")
     a = p.parse_args()
-    socket_path = os.path.join(tempfile.mkdtemp(prefix="djinn-demo-"), "djinnd.sock")
     started = time.time()
-    daemon = start_daemon(socket_path, a.model, sys.stderr)
+    daemon, socket_path = start_daemon("--model", a.model)
+    print(f"djinnd ready on {socket_path} ({a.model})")
     try:
         agents = [subprocess.Popen([sys.executable, os.path.join(ROOT, "agents", "tool_agent.py"), "--json",
                                     "--socket", socket_path, "--task", TASKS[i % len(TASKS)]],
@@ -68,8 +56,7 @@ def main():
         print(f"\n== djinnctl status, with {a.agents} agents connected ==\n{status}")
         print(f"{a.agents} agent processes served by one resident model in {time.time() - started:.1f} s")
     finally:
-        daemon.terminate()
-        daemon.wait()
+        stop_daemon(daemon)
 
 
 if __name__ == "__main__":
