@@ -8,6 +8,7 @@ class SessionState(enum.Enum):
     IDLE = "idle"          # no work; its KV stays resident for the next turn
     WAITING = "waiting"    # has work, queued until the pool can take it
     RUNNING = "running"    # in the batch: prefilling or decoding
+    PAUSED = "paused"      # stopped mid-forward at a breakpoint, waiting for its client
 
 
 class Phase(enum.Enum):
@@ -24,7 +25,8 @@ class KVPlace(enum.Enum):
 ALLOWED = {
     SessionState.IDLE: {SessionState.WAITING},
     SessionState.WAITING: {SessionState.RUNNING, SessionState.IDLE},
-    SessionState.RUNNING: {SessionState.IDLE},
+    SessionState.RUNNING: {SessionState.IDLE, SessionState.PAUSED},
+    SessionState.PAUSED: {SessionState.RUNNING},
 }
 
 
@@ -35,6 +37,11 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    breakpoints: list = field(default_factory=list)   # (layer, steps or None for every step)
+
+    def breakpoint_layers(self, step: int) -> list[int]:
+        """Layers to pause after in forward number `step` (0: the prompt's, then one per token)."""
+        return sorted({layer for layer, steps in self.breakpoints if steps is None or step in steps})
 
 
 @dataclass
@@ -68,6 +75,7 @@ class Session:
     prefetch_at: float | None = None                # semantic: when the tool is expected back
     transfers: list = field(default_factory=list)   # copies in flight that touch this session's KV
     prefetched: bool = False                        # KV came back by prefetch since the last request
+    paused: object = None                           # the held forward while PAUSED (engine/breakpoints.py)
 
     @property
     def num_new_tokens(self) -> int:

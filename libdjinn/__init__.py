@@ -2,6 +2,7 @@
 from libdjinn.client import (BadRequest, Connection, ContextOverflow, DjinnError, Generation, NoCapacity,
                              NotOwner, Session, TokenEvent, UnknownSession)
 from libdjinn.protocol import ErrorCode
+from libdjinn.trace import Pause, Trace
 
 
 def connect(path: str | None = None) -> Connection:
@@ -10,4 +11,4 @@ def connect(path: str | None = None) -> Connection:
 
 
 __all__ = ["connect", "Connection", "Session", "Generation", "TokenEvent", "DjinnError", "ErrorCode",
-           "UnknownSession", "NotOwner", "ContextOverflow", "NoCapacity", "BadRequest"]
+           "UnknownSession", "NotOwner", "ContextOverflow", "NoCapacity", "BadRequest", "Pause", "Trace"]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from libdjinn.paths import default_socket_path
 from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, decode_body, encode_frame
+from libdjinn.trace import Pause, Trace  # noqa: F401
 
 
 class DjinnError(Exception):
@@ -94,7 +95,7 @@ class Connection:
                 if isinstance(reply, Exception):
                     raise reply
                 yield reply
-                if reply["type"] != "token":
+                if reply["type"] not in ("token", "paused"):   # streamed, more to come
                     return
         finally:
             self._pending.pop(rid, None)
@@ -142,9 +143,18 @@ class Session:
     def __init__(self, conn: Connection, session_id: int):
         self.conn, self.id = conn, session_id
 
-    def generate(self, prompt: str | None = None, *, prompt_ids=None, messages=None, **sampling) -> Generation:
+    def generate(self, prompt: str | None = None, *, prompt_ids=None, messages=None, hooks=None, hook_steps=(0,),
+                 **sampling) -> Generation:
         """Append the prompt (text, token ids, or chat messages) and generate; returns the whole reply.
-        sampling: max_new_tokens, temperature (0 = greedy), top_p, seed, ignore_eos."""
+        sampling: max_new_tokens, temperature (0 = greedy), top_p, seed, ignore_eos.
+        hooks: {layer: fn(pause)} run on the output of that decoder layer in forwards `hook_steps`
+        (0 = the prompt's, k = the k-th new token's, or "all"); fn edits pause.hidden in place."""
+        if hooks:
+            trace = self.trace(prompt, prompt_ids=prompt_ids, messages=messages, steps=hook_steps,
+                               breakpoints=sorted(hooks), **sampling)
+            for pause in trace:
+                hooks[pause.layer](pause)
+            return trace.result
         final = self.conn.request("generate", **self._generate_fields(prompt, prompt_ids, messages, sampling))
         return Generation(final["text"], final["tokens"], final["finish_reason"],
                           final["prompt_tokens"], final["cached_tokens"])
@@ -160,6 +170,15 @@ class Session:
             raise_for(reply)
             if reply["type"] == "token":
                 yield TokenEvent(reply["token"], reply["text"])
+
+    def trace(self, prompt: str | None = None, *, prompt_ids=None, messages=None, breakpoints=(), steps=(0,),
+              **sampling) -> "Trace":
+        """Generate with pauses after the given decoder layers, in forwards `steps` (or "all");
+        iterate over the returned Trace to get each Pause, then read trace.result."""
+        fields = self._generate_fields(prompt, prompt_ids, messages, sampling)
+        fields["breakpoints"] = [{"layer": layer, "steps": steps if steps == "all" else list(steps)}
+                                 for layer in breakpoints]
+        return Trace(self, fields)
 
     def signal_phase(self, phase: str, expected_s: float | None = None):
         """Tell the daemon what the agent is doing: "ACTIVE" or "IO_WAIT" (in a tool call)."""

@@ -56,7 +56,9 @@ REQUESTS = {
         "seed": (_INT, False),
         "stream": ((bool,), False),
         "ignore_eos": ((bool,), False),
+        "breakpoints": ((list,), False),   # [{"layer": L, "steps": [0, ...] or "all"}]
     },
+    "resume": {"session": (_INT, True), "shape": ((list,), False), "dtype": ((str,), False)},
     "status": {},
     "swaps": {},
     "timeline": {},

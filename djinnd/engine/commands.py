@@ -45,6 +45,16 @@ class SetPhase:
 
 
 @dataclass
+class Resume:
+    """Continue a paused forward with the (maybe edited) hidden states in its segment."""
+    owner: int
+    session: int
+    shape: list | None
+    dtype: str | None
+    reply: Reply
+
+
+@dataclass
 class ReleaseOwner:
     """A connection closed (or its process died): free every session it opened."""
     owner: int
@@ -68,6 +78,14 @@ class Done:
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int        # history reused from resident KV, not prefilled again
+
+
+@dataclass
+class Paused:
+    session: int
+    layer: int
+    step: int
+    tensor: dict              # descriptor of the hidden states in shared memory
 
 
 @dataclass

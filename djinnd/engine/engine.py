@@ -8,6 +8,7 @@ import time
 
 from djinnd.engine import commands as cmd
 from djinnd.engine.runner import Runner
+from djinnd.engine.breakpoints import BreakpointError, BreakpointRunner, check_layers
 from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
@@ -38,6 +39,7 @@ class Engine:
         self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens)
+        self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
@@ -59,14 +61,17 @@ class Engine:
         while not self._stop.is_set():
             self.pager.poll()
             next_prefetch = self.pager.tick()
-            idle = not self.scheduler.has_work()
+            idle = not self._has_work()
             self._drain(timeout=(0.001 if self.pager.busy() else min(next_prefetch or 0.5, 0.5)) if idle else 0)
-            if self.scheduler.has_work():
+            if self._has_work():
                 try:
                     self.step()
                 except Exception:          # a bug must never stop the engine thread
                     log.exception("engine step failed")
                     self.metrics.inc("engine_step_errors")
+
+    def _has_work(self) -> bool:
+        return self.scheduler.has_work() or bool(self.breaks.resumed(self.scheduler.running))
 
     def _drain(self, timeout: float):
         try:
@@ -84,8 +89,9 @@ class Engine:
                 cmd.OpenSession: self._open, cmd.CloseSession: self._close,
                 cmd.Generate: self._generate, cmd.SetPhase: self._set_phase,
                 cmd.ReleaseOwner: self._release_owner, cmd.Status: self._status,
+                cmd.Resume: self._resume,
             }[type(c)](c)
-        except EngineError as e:
+        except (EngineError, BreakpointError) as e:
             c.reply(cmd.Failed(e.code, e.message))
         except Exception as e:  # a bug must cost one request, never the daemon
             log.exception("command %s failed", type(c).__name__)
@@ -115,6 +121,7 @@ class Engine:
         if reply:
             reply(cmd.Failed(ErrorCode.UNKNOWN_SESSION, f"session {s.id}: {why}"))
         self.scheduler.drop(s)
+        self.breaks.discard(s)
         self.runner.forget(s.id)
         self.metrics.inc("sessions_closed")
 
@@ -148,6 +155,9 @@ class Engine:
                               f"{self.pool.blocks_for(total)} KV blocks; the pool has {self.pool.num_blocks}")
         if any(not 0 <= t < self.loaded.model.args.vocab_size for t in c.prompt_ids):
             raise EngineError(ErrorCode.BAD_REQUEST, "prompt_ids holds a token outside the vocabulary")
+        bad_layers = check_layers(c.params.breakpoints, self.loaded.model.args.num_layers)
+        if bad_layers:
+            raise EngineError(ErrorCode.BAD_REQUEST, bad_layers)
         s.tokens.extend(c.prompt_ids)
         s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
         s.prefetched = False
@@ -155,10 +165,23 @@ class Engine:
         self.scheduler.add(s)
         self.metrics.inc("requests")
 
+    def _resume(self, c: cmd.Resume):
+        s = self._owned(c.owner, c.session)
+        self.breaks.resume(s, c.shape, c.dtype)
+        c.reply(cmd.Result({"session": s.id, "resumed": True}))
+
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
+        for s in self.breaks.resumed(self.scheduler.running):
+            self._after_forward(s, self.breaks.proceed(s))
         batch, is_prefill = self.scheduler.schedule()
         self._refuse(self.scheduler.refused)
+        stepped = [(s, layers) for s in batch if (layers := self.breaks.layers_now(s))]
+        batch = [s for s in batch if not self.breaks.layers_now(s)]
+        for s, layers in stepped:             # each on its own, so a pause never holds the batch
+            self._after_forward(s, self.breaks.start(s, layers))
+        if not batch and stepped:
+            return
         if not batch:
             time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
             return
@@ -180,6 +203,14 @@ class Engine:
         self.metrics.inc("prefill_steps" if is_prefill else "decode_steps")
         for s, token in zip(batch, new_tokens):
             self._append(s, token)
+
+    def _after_forward(self, s: Session, token: int | None):
+        if token is not None:
+            self._append(s, token)
+        elif s.state is SessionState.PAUSED and s.paused.resumed_at is None:
+            p = s.paused
+            self.replies[s.id](cmd.Paused(s.id, p.layer, p.step, p.segment.descriptor()))
+            self.metrics.inc("breakpoint_pauses")
 
     def _append(self, s: Session, token: int):
         req = s.request

@@ -22,15 +22,25 @@ class Runner:
                               self.pool.block_size, self.device)
         return torch.tensor(ids).to(self.device, non_blocking=True), meta
 
-    @torch.inference_mode()
     def run(self, sessions: list[Session]) -> list[int]:
         """One forward for all sessions; marks their tokens cached and returns one new token each."""
+        return self.sample_next(sessions, *self.forward(sessions))
+
+    @torch.inference_mode()
+    def forward(self, sessions: list[Session], start: int = 0, stop: int | None = None, hidden=None):
+        """Decoder layers [start, stop) over the sessions' uncached tokens; `hidden` [T, hidden_size]
+        continues a forward paused after layer start - 1. Returns hidden states and metadata."""
         input_ids, meta = self.prepare(sessions)
-        logits = self.model(input_ids, self.pool.k, self.pool.v, meta)
+        h = self.model.embed(input_ids) if hidden is None else hidden
+        h = self.model.run_layers(h, self.model.rope(meta, h.dtype), self.pool.k, self.pool.v, meta, start, stop)
+        return h, meta
+
+    @torch.inference_mode()
+    def sample_next(self, sessions: list[Session], h, meta) -> list[int]:
+        logits = self.model.logits(h, meta)
         for s in sessions:
             s.num_cached = len(s.tokens)
-        return sample(logits, [s.request.params for s in sessions],
-                      [self.generator(s) for s in sessions])
+        return sample(logits, [s.request.params for s in sessions], [self.generator(s) for s in sessions])
 
     def generator(self, s: Session):
         p = s.request.params

@@ -17,7 +17,7 @@ class Scheduler:
         self.refused: list[tuple[Session, str]] = []   # drained by the engine
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting) or any(s.state is SessionState.RUNNING for s in self.running)
 
     def blocks_needed(self, s: Session) -> int:
         """Blocks to reserve so the whole request fits: decode never runs out mid-way."""
@@ -48,7 +48,7 @@ class Scheduler:
         if batch:
             self.running.extend(batch)
             return batch, True
-        return list(self.running), False
+        return [s for s in self.running if s.state is SessionState.RUNNING], False   # paused ones wait
 
     def _room_for(self, s: Session, batch: list) -> bool:
         if s.transfers and s.kv is KVPlace.HOST:

@@ -163,9 +163,4 @@ class HostArena:
             self._pin_thread.join()
 
     def close(self):
-        self._finalizer()
-        del self.blocks
-        try:
-            self._map.close()
-        except BufferError:
-            pass                       # a view is still alive; the mapping goes with the process
+        self._finalizer()              # the mapping itself goes with its last view (see activations.py)

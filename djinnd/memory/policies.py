@@ -32,7 +32,8 @@ def victims(policy: str, sessions, num_blocks: int, exclude: Session | None = No
     """Sessions to evict, in order, until num_blocks device blocks would be free."""
     if policy == "none":
         return []
-    candidates = [s for s in sessions if evictable(s) and s is not exclude]
+    candidates = [s for s in sessions if evictable(s) and s is not exclude
+                  and not (policy == "recompute" and s.state is SessionState.PAUSED)]  # mid-forward KV cannot be rebuilt
     queued_last = lambda s: s.state is SessionState.WAITING  # noqa: E731
     if policy == "semantic":   # agents in a tool call first, then by recency
         candidates.sort(key=lambda s: (queued_last(s), s.phase is not Phase.IO_WAIT, s.last_used))

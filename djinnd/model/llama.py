@@ -147,11 +147,12 @@ class LlamaForCausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def embed(self, input_ids, meta: AttentionMetadata):
-        """Token embeddings and the rotary tables every layer of this forward shares."""
-        h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(meta.positions, self.args.head_dim, self.args.rope_theta, h.dtype)
-        return h, (cos, sin)
+    def embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, meta: AttentionMetadata, dtype):
+        """The rotary tables every layer of this forward shares."""
+        return rope_cos_sin(meta.positions, self.args.head_dim, self.args.rope_theta, dtype)
 
     def run_layers(self, h, rope, k_cache, v_cache, meta, start: int = 0, stop: int | None = None):
         """Layers [start, stop) over hidden states h [T, hidden]; k_cache/v_cache [L, blocks, ...]."""
@@ -164,5 +165,5 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(h[meta.last_token_index])).float()
 
     def forward(self, input_ids, k_cache, v_cache, meta):
-        h, rope = self.embed(input_ids, meta)
-        return self.logits(self.run_layers(h, rope, k_cache, v_cache, meta), meta)
+        h = self.embed(input_ids)
+        return self.logits(self.run_layers(h, self.rope(meta, h.dtype), k_cache, v_cache, meta), meta)

@@ -58,6 +58,9 @@ class Connection:
     def _on_set_phase(self, rid, f):
         self.inbox.put(cmd.SetPhase(self.id, f["session"], f["phase"], f.get("expected_s"), self._simple(rid)))
 
+    def _on_resume(self, rid, f):
+        self.inbox.put(cmd.Resume(self.id, f["session"], f.get("shape"), f.get("dtype"), self._simple(rid)))
+
     def _on_status(self, rid, f):
         self.inbox.put(cmd.Status(self._simple(rid)))
 
@@ -74,7 +77,10 @@ class Connection:
         detok = Detokenizer(self.tokenizer) if self.tokenizer else None
 
         def on_event(event):
-            if isinstance(event, cmd.Token):
+            if isinstance(event, cmd.Paused):
+                self.send({"type": "paused", "id": rid, "session": event.session, "layer": event.layer,
+                           "step": event.step, "tensor": event.tensor})
+            elif isinstance(event, cmd.Token):
                 if stream:
                     self.send({"type": "token", "id": rid, "token": event.token,
                                "text": detok.push(event.token) if detok else None})
@@ -115,7 +121,8 @@ class Connection:
 
 def sampling_params(f: dict) -> SamplingParams:
     p = SamplingParams(max_new_tokens=f.get("max_new_tokens", 64), temperature=float(f.get("temperature", 0.0)),
-                       top_p=float(f.get("top_p", 1.0)), seed=f.get("seed"), ignore_eos=bool(f.get("ignore_eos")))
+                       top_p=float(f.get("top_p", 1.0)), seed=f.get("seed"), ignore_eos=bool(f.get("ignore_eos")),
+                       breakpoints=parse_breakpoints(f.get("breakpoints") or []))
     if p.max_new_tokens < 1:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: max_new_tokens must be >= 1")
     if p.temperature < 0 or not 0 < p.top_p <= 1:
@@ -128,3 +135,17 @@ async def drain(writer):
         await writer.drain()
     except (ConnectionError, asyncio.CancelledError):
         pass
+
+
+def parse_breakpoints(items: list) -> list:
+    """[{"layer": L, "steps": [..] | "all"}] -> [(L, set of steps or None)]; steps default to [0]."""
+    out = []
+    for b in items:
+        steps = b.get("steps", [0]) if isinstance(b, dict) else None
+        ok = isinstance(b, dict) and isinstance(b.get("layer"), int) and (
+            steps == "all" or isinstance(steps, list) and all(isinstance(x, int) and x >= 0 for x in steps))
+        if not ok:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: each breakpoint is {'layer': int, "
+                                "'steps': list of forward numbers (0 = the prompt) or 'all'}")
+        out.append((b["layer"], None if steps == "all" else set(steps)))
+    return out
