@@ -137,3 +137,12 @@ def test_breakpoint_layer_out_of_range_names_the_range(tiny_daemon):
     with libdjinn.connect(tiny_daemon.socket) as djinn:
         with pytest.raises(libdjinn.BadRequest, match=r"layers 0\.\.3"):
             list(djinn.session().trace(prompt_ids=[4], max_new_tokens=1, breakpoints=[9]))
+
+
+def test_example_steering_agent_changes_the_answer(smol):
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "agents", "steering.py"),
+                          "--socket", smol[0].socket, "--max-new-tokens", "12", "--strength", "8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    answers = [line.strip() for line in out.stdout.splitlines() if line.startswith("  ")]
+    assert len(answers) == 3 and answers[0] != answers[2] and answers[1] != answers[2]
