@@ -12,6 +12,7 @@ from djinnd.memory.host_arena import HostArena, sweep_stale_segments
 from djinnd.model.loader import load_model
 from djinnd.metrics import TimelineSampler
 from djinnd.server.listener import Listener
+from djinnd.server.systemd import notify
 from libdjinn.paths import default_socket_path
 
 log = logging.getLogger("djinnd")
@@ -64,8 +65,10 @@ async def _serve(engine: Engine, config, path: str):
         loop.add_signal_handler(sig, stop.set)
     print(f"djinnd: listening on {path}", flush=True)
     print("djinnd: ready", flush=True)
+    notify("READY=1")
     await stop.wait()
     print("djinnd: stopping", flush=True)
+    notify("STOPPING=1")
     sampler.stop()
     engine.stop()
     await listener.close()

@@ -207,3 +207,20 @@ def test_other_uid_is_refused_by_peer_credentials():
     finally:
         stop_daemon(daemon)
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_readiness_is_sent_to_systemd(tmp_path):
+    """Type=notify: the daemon sends READY=1 to $NOTIFY_SOCKET once it serves."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify"))
+    listener.settimeout(60)
+    os.environ["NOTIFY_SOCKET"] = str(tmp_path / "notify")
+    try:
+        daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.5")
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+    try:
+        assert listener.recv(64) == b"READY=1"
+    finally:
+        stop_daemon(daemon)
+        listener.close()

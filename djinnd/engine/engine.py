@@ -66,9 +66,10 @@ class Engine:
             if self._has_work():
                 try:
                     self.step()
-                except Exception:          # a bug must never stop the engine thread
+                except Exception as e:     # a bug must never stop the engine thread
                     log.exception("engine step failed")
                     self.metrics.inc("engine_step_errors")
+                    self._fail_running(e)
 
     def _has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.breaks.resumed(self.scheduler.running))
@@ -235,6 +236,11 @@ class Engine:
         s.request = None
         reply = self.replies.pop(s.id)
         reply(failure or cmd.Done(req.output, reason, req.num_prompt_tokens, req.num_cached))
+
+    def _fail_running(self, error: Exception):
+        """After a failed step, end the batch's requests with an error rather than retry forever."""
+        for s in [s for s in self.scheduler.running if s.state is SessionState.RUNNING]:
+            self._end(s, None, cmd.Failed(ErrorCode.INTERNAL, f"step failed: {type(error).__name__}: {error}"))
 
     def _refuse(self, refused: list):
         for s, why in refused:
