@@ -53,7 +53,6 @@ class Request:
     kv_at_arrival: str = "resident"   # resident, prefetched, swapped or dropped
     output: list[int] = field(default_factory=list)
     queued_at: float = field(default_factory=time.monotonic)
-    finish_reason: str | None = None
 
 
 @dataclass
@@ -67,11 +66,9 @@ class Session:
     state: SessionState = SessionState.IDLE
     phase: Phase = Phase.ACTIVE
     request: Request | None = None
-    created_at: float = field(default_factory=time.time)
     kv: KVPlace = KVPlace.DEVICE
     host_runs: list = field(default_factory=list)   # (start, length) runs in the host arena
     last_used: float = field(default_factory=time.monotonic)
-    phase_since: float = field(default_factory=time.monotonic)
     prefetch_at: float | None = None                # semantic: when the tool is expected back
     transfers: list = field(default_factory=list)   # copies in flight that touch this session's KV
     prefetched: bool = False                        # KV came back by prefetch since the last request

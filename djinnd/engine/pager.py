@@ -18,7 +18,7 @@ class Pager:
 
     # ---- signals ----------------------------------------------------------------------------
     def on_phase(self, s: Session, phase: Phase, expected_s: float | None):
-        s.phase, s.phase_since = phase, time.monotonic()
+        s.phase = phase
         s.prefetch_at = None
         if not policies.evicts_on_signal(self.policy):
             return
