@@ -3,7 +3,6 @@
 Runs on the server's event loop; engine events arrive from the engine thread through `relay`.
 Ownership is checked by the engine (a session remembers the connection that opened it).
 """
-import asyncio
 import os
 
 from djinnd.engine import commands as cmd
@@ -128,13 +127,6 @@ def sampling_params(f: dict) -> SamplingParams:
     if p.temperature < 0 or not 0 < p.top_p <= 1:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: temperature must be >= 0 and top_p in (0, 1]")
     return p
-
-
-async def drain(writer):
-    try:
-        await writer.drain()
-    except (ConnectionError, asyncio.CancelledError):
-        pass
 
 
 def parse_breakpoints(items: list) -> list:

@@ -8,7 +8,7 @@ import socket
 import struct
 
 from djinnd.engine import commands as cmd
-from djinnd.server.handlers import Connection, drain
+from djinnd.server.handlers import Connection
 from libdjinn.protocol import HEADER, ErrorCode, ProtocolError, check_request, decode_body, encode_frame, error_reply
 
 log = logging.getLogger("djinnd.server")
@@ -76,6 +76,13 @@ class Listener:
                 log.exception("request %r failed", rid)
                 conn.send(error_reply(rid if isinstance(rid, int) else None, ErrorCode.INTERNAL, repr(e)))
             await drain(writer)
+
+
+async def drain(writer):
+    try:
+        await writer.drain()
+    except (ConnectionError, asyncio.CancelledError):
+        pass
 
 
 def prepare_socket_path(path: str):
