@@ -10,6 +10,7 @@ import yaml
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 POLICIES = ("semantic", "lru", "recompute", "none")
+ATTENTION = ("auto", "triton", "torch")
 
 
 class ConfigError(ValueError):
@@ -56,13 +57,16 @@ class MemoryConfig:
 class EngineConfig:
     device: str = "auto"          # a torch device name; auto: cuda if present, else cpu
     max_num_seqs: int = 64        # most sessions in one decode batch
-    max_num_batched_tokens: int = 4096  # most prompt tokens in one prefill step
+    max_num_batched_tokens: int = 2048  # most prompt tokens fed in one step (longer prompts go in chunks)
+    attention: str = "auto"       # decode attention: auto (Triton kernel on CUDA), triton or torch
+    cuda_graphs: bool = True      # capture the decode step in CUDA graphs (false: eager, for debugging)
 
     def __post_init__(self):
         ok = self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"
         _require(ok, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
+        _require(self.attention in ATTENTION, "attention", f"must be one of {ATTENTION}, got {self.attention!r}")
 
 
 @dataclass(frozen=True)

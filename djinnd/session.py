@@ -53,6 +53,7 @@ class Request:
     kv_at_arrival: str = "resident"   # resident, prefetched, swapped or dropped
     output: list[int] = field(default_factory=list)
     queued_at: float = field(default_factory=time.monotonic)
+    started: bool = False         # its first forward has run (queue wait is measured up to it)
 
 
 @dataclass

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from djinnd.config import load_config  # noqa: E402
 from djinnd.daemon import build_engine  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
+from djinnd.model.llama import hf_state_dict  # noqa: E402
 
 
 def sync():
@@ -68,7 +69,7 @@ def hf_model(model):
     from transformers import LlamaConfig, LlamaForCausalLM
     with torch.device("meta"):
         hf = LlamaForCausalLM(LlamaConfig(**model.args.to_hf()))
-    hf.load_state_dict(model.state_dict(), strict=False, assign=True)   # shares our weights' memory
+    hf.load_state_dict(hf_state_dict(model), strict=False, assign=True)   # shares our weights' memory
     hf.tie_weights()
     # the rotary table is a buffer computed at construction: build it again on the real device
     with torch.device(model.lm_head.weight.device):

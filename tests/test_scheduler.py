@@ -37,21 +37,46 @@ def test_pool_size_follows_the_budget_and_blocks_are_not_leaked():
     assert pool.num_free == 3
 
 
+def prefilled(*sessions):
+    """What the runner does after a prefill: the prompt is cached and one new token waits."""
+    for s in sessions:
+        s.num_cached = len(s.tokens)
+        s.tokens.append(0)
+
+
 def test_admits_fifo_as_blocks_allow_and_decodes_everyone_running():
     sched = scheduler_of(pool_of(5))
     s1, s2, s3 = (waiting_session(i, 6, 2) for i in (1, 2, 3))   # 2 blocks each
     s4 = waiting_session(4, 1, 1)                                  # 1 block: fits, but queued behind s3
     for s in (s1, s2, s3, s4):
         sched.add(s)
-    batch, is_prefill = sched.schedule()
-    assert is_prefill and batch == [s1, s2]
+    plan = sched.schedule()
+    assert plan.prefill == [(s1, 6), (s2, 6)] and plan.decode == []
     assert s3.state is SessionState.WAITING and s4.state is SessionState.WAITING
-    batch, is_prefill = sched.schedule()
-    assert batch == [s1, s2] and not is_prefill      # no room for s3: decode the running ones
+    prefilled(s1, s2)
+    plan = sched.schedule()
+    assert plan.decode == [s1, s2] and plan.prefill == []   # no room for s3: decode the running ones
     sched.finish(s1)                                 # idle: its KV stays resident
-    assert sched.schedule() == ([s2], False)
+    assert sched.schedule().decode == [s2]
     sched.drop(s1)                                   # closed: its blocks go back to the pool
-    assert sched.schedule() == ([s3, s4], True)
+    plan = sched.schedule()
+    assert plan.decode == [s2, s4] and plan.prefill == [(s3, 6)]   # s4's one-token prompt decodes at once
+
+
+def test_long_prompts_are_fed_in_chunks_beside_decoding_sessions():
+    sched = scheduler_of(pool_of(64))
+    sched.max_num_batched_tokens = 10
+    short, long = waiting_session(1, 4, 4), waiting_session(2, 25, 4)
+    sched.add(short)
+    sched.add(long)
+    plan = sched.schedule()
+    assert plan.prefill == [(short, 4), (long, 6)]
+    prefilled(short)
+    long.num_cached += 6
+    plan = sched.schedule()
+    assert plan.decode == [short] and plan.prefill == [(long, 10)]
+    long.num_cached += 10
+    assert sched.schedule().prefill == [(long, 9)]
 
 
 def test_finish_keeps_the_blocks_its_tokens_use():

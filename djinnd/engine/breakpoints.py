@@ -44,7 +44,7 @@ class BreakpointRunner:
     def _advance(self, s: Session, start: int, hidden, pending: list[int], step: int) -> int | None:
         stop = pending[0] + 1 if pending else None
         self.pager.before_forward([s])
-        h, meta = self.runner.forward([s], start, stop, hidden)
+        h, meta = self.runner.forward([(s, s.num_new_tokens)], start, stop, hidden)
         if not pending:
             return self.runner.sample_next([s], h, meta)[0]
         copied = time.perf_counter()

@@ -33,7 +33,9 @@ class Engine:
         self.max_model_len = config.model.max_model_len or args.max_position_embeddings
         self.eos = set(args.eos_token_ids)
         self.metrics = Metrics()
-        self.runner = Runner(loaded.model, pool, device)
+        e = config.engine
+        self.runner = Runner(loaded.model, pool, device, e.max_num_seqs, self.max_model_len, e.attention, e.cuda_graphs)
+        self.runner.decoder.capture()
         self.pager = Pager(config.memory.policy, pool, arena, Swapper(pool, arena, device, self.metrics),
                            config.memory.prefetch_lead_ms / 1e3)
         self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
@@ -175,35 +177,43 @@ class Engine:
     def step(self):
         for s in self.breaks.resumed(self.scheduler.running):
             self._after_forward(s, self.breaks.proceed(s))
-        batch, is_prefill = self.scheduler.schedule()
+        plan = self.scheduler.schedule()
         self._refuse(self.scheduler.refused)
-        stepped = [(s, layers) for s in batch if (layers := self.breaks.layers_now(s))]
-        batch = [s for s in batch if not self.breaks.layers_now(s)]
-        for s, layers in stepped:             # each on its own, so a pause never holds the batch
-            self._after_forward(s, self.breaks.start(s, layers))
-        if not batch and stepped:
-            return
-        if not batch:
+        stepped = [s for s in plan.decode + [s for s, _ in plan.prefill] if self.breaks.layers_now(s)]
+        for s in stepped:                     # each on its own, so a pause never holds the batch
+            self._after_forward(s, self.breaks.start(s, self.breaks.layers_now(s)))
+        decode = [s for s in plan.decode if s not in stepped]
+        prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
+        if not (decode or prefill or stepped):
             time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
-            return
+        if prefill:
+            self._forward("prefill", [s for s, _ in prefill], lambda: zip(
+                [s for s, _ in prefill], self.runner.prefill(prefill)), sum(n for _, n in prefill))
+        if decode:
+            self._forward("decode", decode, lambda: self.runner.decode(decode), len(decode))
+
+    def _forward(self, kind: str, sessions: list[Session], run, num_tokens: int):
+        """Run one forward; a failure ends these sessions' requests with an error, and only theirs."""
         started = time.perf_counter()
-        if is_prefill:
-            self.metrics.inc("prompt_tokens", sum(s.num_new_tokens for s in batch))
-            self.metrics.inc("cached_tokens_reused", sum(s.num_cached for s in batch))
-            for s in batch:
+        for s in sessions:
+            if not s.request.started:
+                s.request.started = True
+                self.metrics.inc("cached_tokens_reused", s.num_cached)
                 self.metrics.observe_ms("queue_wait", (time.monotonic() - s.request.queued_at) * 1e3)
-        self.pager.before_forward(batch)
+        self.pager.before_forward(sessions)
         try:
-            new_tokens = self.runner.run(batch)
+            results = list(run())
         except Exception as e:
-            log.exception("forward failed")
-            for s in batch:
+            log.exception("%s forward failed", kind)
+            for s in sessions:
                 self._end(s, None, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
             return
-        self.metrics.inc("prefill_s" if is_prefill else "decode_s", time.perf_counter() - started)
-        self.metrics.inc("prefill_steps" if is_prefill else "decode_steps")
-        for s, token in zip(batch, new_tokens):
-            self._append(s, token)
+        self.metrics.inc(f"{kind}_s", time.perf_counter() - started)
+        self.metrics.inc(f"{kind}_steps")
+        self.metrics.inc("prompt_tokens" if kind == "prefill" else "decode_tokens", num_tokens)
+        for s, token in results:
+            if token is not None:
+                self._append(s, token)
 
     def _after_forward(self, s: Session, token: int | None):
         if token is not None:

@@ -1,10 +1,18 @@
 """Scheduler: who runs next. Waiting sessions are admitted FIFO as KV blocks allow, asking the
-pager to make room (evict per policy) or to bring a swapped session's KV back; a step is either
-a prefill of newly admitted sessions or one decode token for every running session (continuous
-batching). Work that can never get room is refused, never left to hang."""
+pager to make room (evict per policy) or to bring a swapped session's KV back. A step decodes one
+token for every running session whose prompt is done and feeds prefilling sessions chunks of
+their prompts within a token budget, so a long prompt never stalls the sessions decoding (chunked
+prefill). Work that can never get room is refused, never left to hang."""
 from collections import deque
+from dataclasses import dataclass, field
 
 from djinnd.session import KVPlace, Session, SessionState
+
+
+@dataclass
+class Plan:
+    decode: list[Session] = field(default_factory=list)               # one uncached token each
+    prefill: list[tuple[Session, int]] = field(default_factory=list)  # session, tokens to feed now
 
 
 class Scheduler:
@@ -28,12 +36,25 @@ class Scheduler:
         s.change_state(SessionState.WAITING)
         self.waiting.append(s)
 
-    def schedule(self) -> tuple[list[Session], bool]:
-        """The next batch and whether it is a prefill."""
-        batch, num_tokens = [], 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+    def schedule(self) -> Plan:
+        """This step's work: admit what fits, then decode everyone ready and prefill within budget."""
+        self._admit()
+        plan, budget = Plan(), self.max_num_batched_tokens
+        for s in self.running:
+            if s.state is not SessionState.RUNNING:
+                continue                     # paused at a breakpoint: waits for its client
+            if s.num_new_tokens == 1:
+                plan.decode.append(s)
+            elif budget > 0:
+                plan.prefill.append((s, min(s.num_new_tokens, budget)))
+                budget -= plan.prefill[-1][1]
+        return plan
+
+    def _admit(self):
+        pending = sum(s.num_new_tokens for s in self.running if s.num_new_tokens > 1)
+        while self.waiting and len(self.running) < self.max_num_seqs and pending < self.max_num_batched_tokens:
             s = self.waiting[0]
-            if (num_tokens + s.num_new_tokens > self.max_num_batched_tokens and batch) or not self._room_for(s, batch):
+            if not self._room_for(s):
                 break   # FIFO: a large head waits for room rather than being starved by small ones
             blocks = self.pool.allocate(self.blocks_needed(s))
             if s.kv is KVPlace.HOST:
@@ -43,21 +64,17 @@ class Scheduler:
                 s.kv = KVPlace.DEVICE
             self.waiting.popleft()
             s.change_state(SessionState.RUNNING)
-            batch.append(s)
-            num_tokens += s.num_new_tokens
-        if batch:
-            self.running.extend(batch)
-            return batch, True
-        return [s for s in self.running if s.state is SessionState.RUNNING], False   # paused ones wait
+            self.running.append(s)
+            pending += s.num_new_tokens if s.num_new_tokens > 1 else 0
 
-    def _room_for(self, s: Session, batch: list) -> bool:
+    def _room_for(self, s: Session) -> bool:
         if s.transfers and s.kv is KVPlace.HOST:
             return False            # its swap-out is still copying; admit it next step
         needed = self.blocks_needed(s)
         if needed <= self.pool.num_free:
             return True
         shortfall = needed - self.pool.num_free - self.pager.freeing()   # evictions in flight count
-        if shortfall > 0 and self.pager.make_room(shortfall, s) == 0 and not (self.running or batch or self.pager.busy()):
+        if shortfall > 0 and self.pager.make_room(shortfall, s) == 0 and not (self.running or self.pager.busy()):
             self.waiting.popleft()  # nothing runs, nothing can be evicted: it would wait forever
             self.refused.append((s, f"needs {needed} KV blocks, {self.pool.num_free} free and none can be "
                                     f"freed (policy {self.pager.policy}, host arena "

@@ -11,6 +11,7 @@ def engine_status(engine) -> dict:
                   "dtype": str(next(model.parameters()).dtype).replace("torch.", "")},
         "device": str(engine.device),
         "policy": engine.pager.policy,
+        "engine": engine.runner.decoder.status(),
         "memory": {
             "weights_bytes": weights,
             "kv_pool_bytes": pool.num_blocks * pool.block_bytes,

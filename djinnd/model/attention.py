@@ -1,73 +1,86 @@
-"""Paged attention over the KV block pool: write this step's K/V by slot, attend over each session's blocks.
+"""Paged attention over the KV block pool, in its two shapes.
 
-The torch path below runs on CPU and GPU with the same results. Linear layers see the batch as a
-flat run of tokens [T, ...]; only attention pads it to [B, max_q] queries x [B, max_k] keys.
+Prefill (a chunk of new tokens per session, after its cached prefix): K/V are written by slot,
+then each session attends over its blocks with causal SDPA, bottom-right aligned so the chunk
+sees the whole prefix (no padded batch, no dense mask). Decode (one token per session): the
+Triton kernel in `triton_attention.py` reads K/V in place through the block table; the torch
+function here is the CPU path and the reference the kernel is tested against.
 """
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
-class AttentionMetadata:
+class ForwardContext:
+    """What every layer of one forward shares: rotary tables for its tokens and how to attend."""
+    cos: torch.Tensor             # [T, 1, head_dim]
+    sin: torch.Tensor
+    attend: Callable              # (q [T,H,D], k, v [T,Hkv,D], k_cache, v_cache) -> [T,H,D]
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    """k/v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D]."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+@dataclass
+class PrefillMetadata:
     positions: torch.Tensor       # [T] position of each token in its session
     slot_mapping: torch.Tensor    # [T] flat slot (block * block_size + offset) each token's K/V goes to
-    block_tables: torch.Tensor    # [B, max_blocks] padded with 0 (masked out below)
-    q_pad_index: torch.Tensor     # [T] where each token sits in the padded [B * max_q] query layout
-    attn_mask: torch.Tensor       # [B, 1, max_q, max_k] True where a query may see a key
-    max_query_len: int
-    max_context_len: int
+    block_tables: torch.Tensor    # [B, max_blocks] padded with 0 (never read past a context)
+    query_lens: list[int]         # tokens fed this step per session
+    context_lens: list[int]       # tokens in its KV after the step
     last_token_index: torch.Tensor  # [B] index in [T] of each session's last token
+    block_size: int
 
 
-def build_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
-                   block_size: int, device) -> AttentionMetadata:
-    """query_lens: tokens fed this step per session; context_lens: tokens in its KV after the step."""
-    positions, slots, pad_index = [], [], []
-    max_q, max_k = max(query_lens), max(context_lens)
-    for i, (q, ctx, table) in enumerate(zip(query_lens, context_lens, block_tables)):
-        for pos in range(ctx - q, ctx):
-            positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-        pad_index.extend(range(i * max_q, i * max_q + q))
-    max_blocks = -(-max_k // block_size)
-    tables = torch.zeros(len(query_lens), max_blocks, dtype=torch.long)
-    for i, table in enumerate(block_tables):
-        n = min(len(table), max_blocks)
-        tables[i, :n] = torch.tensor(table[:n])
-    q_lens = torch.tensor(query_lens)
-    ctx_lens = torch.tensor(context_lens)
-    # Query row r of session i sits at position ctx_i - q_i + r; key j is visible if j <= that.
-    q_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_q)[None, :]
-    key = torch.arange(max_k)
-    mask = (key[None, None, :] <= q_pos[:, :, None]) & (key[None, None, :] < ctx_lens[:, None, None])
+def build_prefill_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+                           block_size: int, device) -> PrefillMetadata:
+    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, context_lens)])
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
+    seq = torch.repeat_interleave(torch.arange(len(query_lens)), torch.tensor(query_lens))   # [T] session index
+    slots = tables[seq, positions // block_size] * block_size + positions % block_size
     to = dict(device=device, non_blocking=True)
-    return AttentionMetadata(
-        positions=torch.tensor(positions).to(**to),
-        slot_mapping=torch.tensor(slots).to(**to),
-        block_tables=tables.to(**to),
-        q_pad_index=torch.tensor(pad_index).to(**to),
-        attn_mask=mask[:, None].to(**to),
-        max_query_len=max_q,
-        max_context_len=max_k,
-        last_token_index=(torch.cumsum(q_lens, 0) - 1).to(**to),
-    )
+    return PrefillMetadata(positions.to(**to), slots.to(**to), tables.to(**to), query_lens, context_lens,
+                           (torch.tensor(query_lens).cumsum(0) - 1).to(**to), block_size)
 
 
-def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata):
-    """q [T, H, D], k/v [T, Hkv, D]; k_cache/v_cache [num_blocks, block_size, Hkv, D] of one layer."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads = k.shape[1]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-    batch = meta.block_tables.shape[0]
-    keys = k_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim)[:, :meta.max_context_len]
-    values = v_cache[meta.block_tables].view(batch, -1, num_kv_heads, head_dim)[:, :meta.max_context_len]
-    padded = q.new_zeros(batch * meta.max_query_len, num_heads, head_dim)
-    padded[meta.q_pad_index] = q
-    padded = padded.view(batch, meta.max_query_len, num_heads, head_dim)
-    out = F.scaled_dot_product_attention(
-        padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=meta.attn_mask, enable_gqa=num_heads != num_kv_heads)
-    return out.transpose(1, 2).reshape(-1, num_heads, head_dim)[meta.q_pad_index]
+def prefill_attention(q, k, v, k_cache, v_cache, meta: PrefillMetadata):
+    """q [T, H, D], k/v [T, Hkv, D]; each session's chunk attends causally to its prefix and itself."""
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out, start = torch.empty_like(q), 0
+    gqa = q.shape[1] != k.shape[1]
+    for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):
+        qi = q[start:start + q_len].transpose(0, 1)[None]                      # [1, H, q, D]
+        if q_len == ctx:       # no cached prefix: the chunk's own K/V, plain causal
+            ki, vi, mask, causal = k[start:start + q_len], v[start:start + q_len], None, True
+        else:
+            blocks = meta.block_tables[i, :-(-ctx // meta.block_size)]
+            ki = k_cache[blocks].flatten(0, 1)[:ctx]                             # [ctx, Hkv, D]
+            vi = v_cache[blocks].flatten(0, 1)[:ctx]
+            mask, causal = causal_lower_right(q_len, ctx), False
+        o = F.scaled_dot_product_attention(qi, ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
+                                           attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        out[start:start + q_len] = o[0].transpose(0, 1)
+        start += q_len
+    return out
+
+
+def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, num_blocks: int):
+    """q [B, H, D] one token per session; block_tables [B, >= num_blocks]; context_lens [B] include the
+    token itself. Reference path: gathers num_blocks blocks per session and masks past the context."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    tables = block_tables[:, :num_blocks].long()
+    keys = k_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    visible = torch.arange(keys.shape[2], device=q.device)[None, :] < context_lens[:, None]   # [B, K]
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None, :],
+                                         enable_gqa=num_heads != num_kv_heads)
+    return out[:, :, 0]

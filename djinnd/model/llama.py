@@ -1,15 +1,15 @@
 """One Llama-family model (Llama 2/3, Mistral, SmolLM) over the paged KV cache.
 
-Parameter names match HF transformers, so HF checkpoints load by name and tests can load our
-weights into HF's LlamaForCausalLM as the reference.
+Q/K/V and gate/up projections are fused at load (one matmul each); `hf_state_dict` gives the
+HF-named tensors back as views of the fused ones, so tests and attached processes can load our
+weights into HF's LlamaForCausalLM without a copy. How attention reads the KV cache (prefill or
+decode, torch or kernel) is the forward context's business, not the model's.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from djinnd.model.attention import AttentionMetadata, paged_attention
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,14 @@ class ModelArgs:
             tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
             eos_token_id=list(self.eos_token_ids), attention_bias=False, mlp_bias=False)
 
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -72,15 +80,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """cos/sin [T, 1, head_dim] for each token's position, computed in float32 as HF does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions[:, None].float() * inv_freq[None, :]
+def rope_tables(max_positions: int, head_dim: int, theta: float, dtype, device):
+    """cos/sin [max_positions, head_dim], computed once in float32 as HF does, then cast."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    freqs = torch.arange(max_positions, device=device).float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
+    """x [T, heads, D]; cos/sin [T, 1, D]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -90,29 +99,27 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=False)
-        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
-        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=False)
-        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.sizes = [a.q_size, a.kv_size, a.kv_size]
+        self.qkv_proj = nn.Linear(a.hidden_size, sum(self.sizes), bias=False)
+        self.o_proj = nn.Linear(a.q_size, a.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttentionMetadata):
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta)
+    def forward(self, x, ctx, k_cache, v_cache):
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        out = ctx.attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), k_cache, v_cache)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -123,8 +130,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
+    def forward(self, x, ctx, k_cache, v_cache):
+        x = x + self.self_attn(self.input_layernorm(x), ctx, k_cache, v_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,6 +149,8 @@ class LlamaForCausalLM(nn.Module):
         self.args = a
         self.model = LlamaModel(a)
         self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.streamer = None        # set for weight streaming: makes layer i's weights resident
+        self._rope = None
 
     def tie_weights(self):
         if self.args.tie_word_embeddings:
@@ -150,20 +159,58 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids):
         return self.model.embed_tokens(input_ids)
 
-    def rope(self, meta: AttentionMetadata, dtype):
-        """The rotary tables every layer of this forward shares."""
-        return rope_cos_sin(meta.positions, self.args.head_dim, self.args.rope_theta, dtype)
+    def rope(self, positions, dtype):
+        """cos/sin [T, 1, head_dim] for each token's position, from tables built once."""
+        if self._rope is None or self._rope[0].dtype != dtype:
+            a = self.args
+            self._rope = rope_tables(a.max_position_embeddings, a.head_dim, a.rope_theta, dtype, positions.device)
+        cos, sin = self._rope
+        return cos[positions][:, None], sin[positions][:, None]
 
-    def run_layers(self, h, rope, k_cache, v_cache, meta, start: int = 0, stop: int | None = None):
+    def run_layers(self, h, ctx, k_cache, v_cache, start: int = 0, stop: int | None = None):
         """Layers [start, stop) over hidden states h [T, hidden]; k_cache/v_cache [L, blocks, ...]."""
         for i in range(start, self.args.num_layers if stop is None else stop):
-            h = self.model.layers[i](h, *rope, k_cache[i], v_cache[i], meta)
+            if self.streamer is not None:
+                self.streamer.before_layer(i)
+            h = self.model.layers[i](h, ctx, k_cache[i], v_cache[i])
+            if self.streamer is not None:
+                self.streamer.after_layer(i)
         return h
 
-    def logits(self, h, meta: AttentionMetadata):
-        """Logits [B, vocab] of each session's last token, in float32."""
-        return self.lm_head(self.model.norm(h[meta.last_token_index])).float()
+    def logits(self, h):
+        """Logits [N, vocab] in float32 of hidden states h [N, hidden] (after the last layer)."""
+        return self.lm_head(self.model.norm(h)).float()
 
-    def forward(self, input_ids, k_cache, v_cache, meta):
-        h = self.embed(input_ids)
-        return self.logits(self.run_layers(h, self.rope(meta, h.dtype), k_cache, v_cache, meta), meta)
+
+# ---- HF names <-> fused parameters ---------------------------------------------------------
+FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused_sizes(a: ModelArgs, fused: str) -> list[int]:
+    return [a.q_size, a.kv_size, a.kv_size] if fused.endswith("qkv_proj") else [a.intermediate_size] * 2
+
+
+def hf_state_dict(model: LlamaForCausalLM) -> dict:
+    """HF-named tensors; q/k/v and gate/up are row slices (views) of the fused weights."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        fused = next((f for f in FUSED if name.endswith(f + ".weight")), None)
+        if fused is None:
+            out[name] = tensor
+            continue
+        prefix = name[:-len(fused + ".weight")] + fused.split(".")[0]
+        for part, piece in zip(FUSED[fused], tensor.split(_fused_sizes(model.args, fused))):
+            out[f"{prefix}.{part}.weight"] = piece
+    return out
+
+
+def fuse_hf_state(state: dict, a: ModelArgs) -> dict:
+    """HF-named weights -> this model's names, concatenating q/k/v and gate/up."""
+    out = dict(state)
+    for i in range(a.num_layers):
+        for fused, parts in FUSED.items():
+            module, prefix = fused.split(".")[0], f"model.layers.{i}."
+            names = [f"{prefix}{module}.{p}.weight" for p in parts]
+            if all(n in out for n in names):
+                out[f"{prefix}{fused}.weight"] = torch.cat([out.pop(n) for n in names])
+    return out

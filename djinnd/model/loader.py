@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 
-from djinnd.model.llama import LlamaForCausalLM, ModelArgs
+from djinnd.model.llama import LlamaForCausalLM, ModelArgs, fuse_hf_state
 from djinnd.model.presets import build_random
 
 EMBEDDED = "smollm2-135m"
@@ -84,6 +84,7 @@ def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
     if not state:
         raise FileNotFoundError(f"{path}: no *.safetensors weights")
     state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    state = fuse_hf_state(state, args)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,68 @@
+"""DecodeBatch: the decode step's inputs as persistent device tensors, one row per decoding session.
+
+Rows [0, num_rows) are live and dense; rows past them point at a reserved scratch block, so a
+graph captured for a larger bucket writes its padding there. A row is written when its session
+joins (after its prefill, or back from a pause) and moved when another leaves; between those, a
+step changes nothing on the host: the forward advances `positions` and the sampler writes the
+next `input_ids` in place.
+"""
+import torch
+
+from djinnd.engine.sampler import SamplingRows
+from djinnd.session import Session
+
+
+class DecodeBatch:
+    def __init__(self, max_rows: int, max_blocks: int, scratch_block: int, device):
+        self.max_rows, self.scratch_block = max_rows, scratch_block
+        self.input_ids = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_rows, dtype=torch.int64, device=device)   # of the token fed
+        self.is_live = torch.zeros(max_rows, dtype=torch.int64, device=device)     # 1: positions advance
+        self.block_tables = torch.full((max_rows, max_blocks), scratch_block, dtype=torch.int32, device=device)
+        self.sampling = SamplingRows(max_rows, device)
+        self.sessions: list[Session] = []       # row -> session
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.sessions)
+
+    def sync(self, sessions: list[Session], seeds: dict[int, int]):
+        """Make the rows hold exactly `sessions`: the ones gone leave, the new ones join."""
+        wanted = {s.id for s in sessions}
+        for s in [s for s in self.sessions if s.id not in wanted]:
+            self._leave(s)
+        present = {s.id for s in self.sessions}
+        self._join([s for s in sessions if s.id not in present], seeds)
+
+    def remove(self, session_id: int):
+        for s in [s for s in self.sessions if s.id == session_id]:
+            self._leave(s)
+
+    def _join(self, new: list[Session], seeds: dict[int, int]):
+        if not new:
+            return
+        rows = list(range(self.num_rows, self.num_rows + len(new)))
+        device = self.input_ids.device
+        width = self.block_tables.shape[1]
+        tables = torch.tensor([s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in new],
+                              dtype=torch.int32)
+        index = torch.tensor(rows, device=device)
+        self.block_tables[index] = tables.to(device)
+        self.input_ids[index] = torch.tensor([s.tokens[-1] for s in new]).to(device)
+        self.positions[index] = torch.tensor([len(s.tokens) - 1 for s in new]).to(device)
+        self.is_live[index] = 1
+        self.sampling.set_rows(rows, [s.request.params for s in new], [seeds[s.id] for s in new])
+        self.sessions.extend(new)
+
+    def _leave(self, s: Session):
+        """Move the last row into s's row, and turn the last row into padding."""
+        row, last = self.sessions.index(s), self.num_rows - 1
+        if row != last:
+            for t in (self.input_ids, self.positions, self.block_tables):
+                t[row] = t[last]
+            self.sampling.move(last, row)
+            self.sessions[row] = self.sessions[last]
+        self.sessions.pop()
+        self.block_tables[last] = self.scratch_block
+        self.positions[last] = 0
+        self.is_live[last] = 0

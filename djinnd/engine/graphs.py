@@ -1,0 +1,96 @@
+"""DecodeGraphs: the decode forward over DecodeBatch rows, eager or replayed from one CUDA graph per
+batch-size bucket. Graphs are captured at start-up while every row is padding (positions stay 0,
+K/V go to the scratch block), so capture changes nothing a session owns.
+"""
+import time
+
+import torch
+
+from djinnd.model.attention import ForwardContext, decode_attention_torch, write_kv
+
+
+def buckets_for(max_rows: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to max_rows (and max_rows itself)."""
+    small = [b for b in (1, 2, 4) if b < max_rows]
+    return sorted(set(small + list(range(8, max_rows, 8)) + [max_rows]))
+
+
+def decode_kernel(device, head_dim: int, backend: str):
+    """The decode attention function: the Triton kernel on CUDA when it can, else torch."""
+    if backend == "torch" or torch.device(device).type != "cuda":
+        return None
+    from djinnd.model import triton_attention
+    if not triton_attention.supports(head_dim):
+        if backend == "triton":
+            raise ValueError(f"the Triton decode kernel needs a power-of-two head_dim, got {head_dim}")
+        return None
+    return triton_attention.paged_decode_attention
+
+
+class DecodeGraphs:
+    def __init__(self, model, pool, batch, device, backend: str = "auto", use_graphs: bool = True):
+        self.model, self.pool, self.batch = model, pool, batch
+        self.kernel = decode_kernel(device, model.args.head_dim, backend)
+        self.use_graphs = use_graphs and torch.device(device).type == "cuda"
+        self.logits = torch.zeros(batch.max_rows, model.args.vocab_size, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture_s, self.graph_bytes = 0.0, 0
+
+    @property
+    def attention(self) -> str:
+        return "triton" if self.kernel else "torch"
+
+    @torch.inference_mode()
+    def forward(self, n: int, num_blocks: int | None = None):
+        """Rows [0, n): logits into self.logits[:n], then every live row's position advances by one.
+        num_blocks bounds the torch path's gather (host-known); the kernel needs no bound."""
+        b, block_size = self.batch, self.pool.block_size
+        positions, tables = b.positions[:n], b.block_tables[:n]
+        slots = tables.gather(1, (positions // block_size)[:, None])[:, 0].long() * block_size + positions % block_size
+        context_lens = (positions + 1).to(torch.int32)
+        width = num_blocks or tables.shape[1]
+
+        def attend(q, k, v, k_cache, v_cache):
+            write_kv(k, v, k_cache, v_cache, slots)
+            if self.kernel:
+                return self.kernel(q, k_cache, v_cache, tables, context_lens)
+            return decode_attention_torch(q, k_cache, v_cache, tables, context_lens, width)
+
+        h = self.model.embed(b.input_ids[:n])
+        cos, sin = self.model.rope(positions, h.dtype)
+        h = self.model.run_layers(h, ForwardContext(cos, sin, attend), self.pool.k, self.pool.v)
+        self.logits[:n] = self.model.logits(h)
+        b.positions[:n] += b.is_live[:n]
+
+    def run(self, n: int, num_blocks: int | None = None) -> torch.Tensor:
+        bucket = next((size for size in sorted(self.graphs) if size >= n), None)
+        if bucket is None:
+            self.forward(n, num_blocks)
+        else:
+            self.graphs[bucket].replay()
+        return self.logits[:n]
+
+    def capture(self):
+        """One graph per bucket, largest first, sharing one memory pool."""
+        if not self.use_graphs or self.model.streamer is not None:
+            return
+        assert self.batch.num_rows == 0, "capture only while every row is padding"
+        started, before = time.perf_counter(), torch.cuda.memory_reserved()
+        pool = torch.cuda.graph_pool_handle()
+        for size in sorted(buckets_for(self.batch.max_rows), reverse=True):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):       # warm-up compiles kernels and settles the allocator
+                self.forward(size)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.forward(size)
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - started
+        self.graph_bytes = torch.cuda.memory_reserved() - before
+
+    def status(self) -> dict:
+        return {"attention": self.attention, "cuda_graphs": bool(self.graphs), "buckets": sorted(self.graphs),
+                "capture_s": round(self.capture_s, 3), "graph_pool_bytes": self.graph_bytes}
