@@ -92,6 +92,11 @@ def format_status(r: dict) -> str:
                                           if mem.get("host_arena_pin_s") is not None else ""),
         f"policy   {r['policy']}",
     ]
+    if "engine" in r:
+        e = r["engine"]
+        graphs = (f"CUDA graphs for batch {e['buckets'][0]}..{e['buckets'][-1]} ({len(e['buckets'])} buckets, captured "
+                  f"in {e['capture_s']:.2f} s, {e['graph_pool_bytes'] / MiB:,.0f} MiB)" if e["cuda_graphs"] else "eager")
+        lines.append(f"decode   {graphs}, {e['attention']} attention")
     if "device_allocated_bytes" in mem:
         lines.append(f"vram     {mem['device_allocated_bytes'] / MiB:,.0f} MiB allocated, "
                      f"{mem['device_reserved_bytes'] / MiB:,.0f} reserved, {mem['device_total_bytes'] / MiB:,.0f} total")

@@ -12,7 +12,7 @@ from djinnd.session import Request, SamplingParams, Session, SessionState
 
 def pool_of(num_blocks: int, block_size=4) -> KVBlockPool:
     per = bytes_per_block(2, 1, 8, block_size, torch.float32)
-    return KVBlockPool(2, 1, 8, block_size, per * num_blocks, torch.float32, "cpu")
+    return KVBlockPool(2, 1, 8, block_size, per * (num_blocks + 1), torch.float32, "cpu")   # + the scratch block
 
 
 def scheduler_of(pool, policy="none", host_blocks=0) -> Scheduler:
@@ -29,7 +29,7 @@ def waiting_session(sid: int, num_prompt: int, max_new: int) -> Session:
 
 def test_pool_size_follows_the_budget_and_blocks_are_not_leaked():
     pool = pool_of(10)
-    assert pool.num_blocks == 10 and pool.k.shape == (2, 10, 4, 1, 8)
+    assert pool.num_blocks == 10 and pool.k.shape == (2, 11, 4, 1, 8) and pool.scratch_block == 10
     a, b = pool.allocate(3), pool.allocate(7)
     assert not pool.can_allocate(1)
     pool.check_integrity([a, b])

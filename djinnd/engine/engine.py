@@ -176,11 +176,13 @@ class Engine:
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
         for s in self.breaks.resumed(self.scheduler.running):
+            self.runner.batch.remove(s.id)    # it runs eagerly: its decode row would go stale
             self._after_forward(s, self.breaks.proceed(s))
         plan = self.scheduler.schedule()
         self._refuse(self.scheduler.refused)
         stepped = [s for s in plan.decode + [s for s, _ in plan.prefill] if self.breaks.layers_now(s)]
         for s in stepped:                     # each on its own, so a pause never holds the batch
+            self.runner.batch.remove(s.id)
             self._after_forward(s, self.breaks.start(s, self.breaks.layers_now(s)))
         decode = [s for s in plan.decode if s not in stepped]
         prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
@@ -263,6 +265,7 @@ class Engine:
 
     # ---- status ---------------------------------------------------------------------------
     def _status(self, c: cmd.Status):
+        self.pager.poll()       # copies finished since the last step show where they landed
         if c.report == "swaps":
             c.reply(cmd.Result(self.metrics.swap_report(with_samples=True)))
         elif c.report == "timeline":

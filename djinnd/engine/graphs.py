@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from djinnd.engine.kernels import decode_attention_kernel, fused_kernels
 from djinnd.model.attention import ForwardContext, decode_attention_torch, write_kv
 
 
@@ -15,22 +16,11 @@ def buckets_for(max_rows: int) -> list[int]:
     return sorted(set(small + list(range(8, max_rows, 8)) + [max_rows]))
 
 
-def decode_kernel(device, head_dim: int, backend: str):
-    """The decode attention function: the Triton kernel on CUDA when it can, else torch."""
-    if backend == "torch" or torch.device(device).type != "cuda":
-        return None
-    from djinnd.model import triton_attention
-    if not triton_attention.supports(head_dim):
-        if backend == "triton":
-            raise ValueError(f"the Triton decode kernel needs a power-of-two head_dim, got {head_dim}")
-        return None
-    return triton_attention.paged_decode_attention
-
-
 class DecodeGraphs:
     def __init__(self, model, pool, batch, device, backend: str = "auto", use_graphs: bool = True):
         self.model, self.pool, self.batch = model, pool, batch
-        self.kernel = decode_kernel(device, model.args.head_dim, backend)
+        self.kernel = decode_attention_kernel(device, model.args.head_dim, backend)
+        self.fused = fused_kernels(device, backend)
         self.use_graphs = use_graphs and torch.device(device).type == "cuda"
         self.logits = torch.zeros(batch.max_rows, model.args.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -58,7 +48,7 @@ class DecodeGraphs:
 
         h = self.model.embed(b.input_ids[:n])
         cos, sin = self.model.rope(positions, h.dtype)
-        h = self.model.run_layers(h, ForwardContext(cos, sin, attend), self.pool.k, self.pool.v)
+        h = self.model.run_layers(h, ForwardContext(cos, sin, attend, self.fused), self.pool.k, self.pool.v)
         self.logits[:n] = self.model.logits(h)
         b.positions[:n] += b.is_live[:n]
 

@@ -25,8 +25,9 @@ class LocalClient:
     def set_phase(self, session: int, phase: str, expected_s: float | None = None):
         self.call(lambda r: cmd.SetPhase(0, session, phase, expected_s, r)).get(timeout=600)
 
-    def submit(self, session: int, prompt_ids, max_new_tokens: int, ignore_eos=True) -> queue.Queue:
-        params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+    def submit(self, session: int, prompt_ids, max_new_tokens: int = 64, ignore_eos=True,
+               params: SamplingParams | None = None) -> queue.Queue:
+        params = params or SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
         return self.call(lambda r: cmd.Generate(0, session, list(prompt_ids), params, r))
 
     @staticmethod

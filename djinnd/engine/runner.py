@@ -18,10 +18,11 @@ class Runner:
     def __init__(self, model, pool, device, max_num_seqs: int, max_model_len: int,
                  attention: str = "auto", cuda_graphs: bool = True):
         self.model, self.pool, self.device = model, pool, device
-        self.scratch_block = pool.allocate(1)[0]       # padded decode rows write here
-        self.batch = DecodeBatch(max_num_seqs, pool.blocks_for(max_model_len), self.scratch_block, device)
+        self.batch = DecodeBatch(max_num_seqs, pool.blocks_for(max_model_len), pool.scratch_block, device)
         self.decoder = DecodeGraphs(model, pool, self.batch, device, attention, cuda_graphs)
         self.seeds: dict[int, int] = {}                # session id -> its request's sampling seed
+        self.is_cuda = torch.device(device).type == "cuda"
+        self.host_ids = torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=self.is_cuda)
 
     # ---- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -34,7 +35,8 @@ class Runner:
             ids = [t for s, n in chunks for t in s.tokens[s.num_cached:s.num_cached + n]]
             hidden = self.model.embed(torch.tensor(ids).to(self.device, non_blocking=True))
         cos, sin = self.model.rope(meta.positions, hidden.dtype)
-        ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta))
+        ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta),
+                             self.decoder.fused)
         return self.model.run_layers(hidden, ctx, self.pool.k, self.pool.v, start, stop), meta
 
     @torch.inference_mode()
@@ -82,7 +84,18 @@ class Runner:
         self.batch.input_ids[:n] = ids
         for s in rows:
             s.num_cached = len(s.tokens)
-        return list(zip(rows, ids.tolist()))
+        return list(zip(rows, self._read(ids)))
+
+    def _read(self, ids) -> list[int]:
+        """The step's one host read. Waiting on an event releases the GIL, so the server's loop
+        keeps streaming tokens to clients while the GPU works."""
+        n = ids.shape[0]
+        self.host_ids[:n].copy_(ids, non_blocking=True)
+        if self.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+        return self.host_ids[:n].tolist()
 
     def seed(self, s: Session) -> int:
         if s.id not in self.seeds:

@@ -7,11 +7,17 @@ draws exactly from softmax(logits / temperature) restricted to the nucleus.
 """
 import torch
 
-# splitmix64 constants, as signed int64 (torch has no uint64 arithmetic on every device)
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_MIX2 = 0x94D049BB133111EB - (1 << 64)
-_POSITION = 0x632BE59BD9B4E019 - (1 << 64)
+
+
+def _int64(c: int) -> torch.Tensor:
+    """A 64-bit constant as a signed int64 scalar tensor (torch has no uint64 arithmetic everywhere;
+    a CPU scalar tensor joins CUDA ops as a kernel argument, with no copy)."""
+    return torch.tensor(c - (1 << 64) if c >= 1 << 63 else c, dtype=torch.int64)
+
+
+# splitmix64 constants
+_GOLDEN, _MIX1 = _int64(0x9E3779B97F4A7C15), _int64(0xBF58476D1CE4E5B9)
+_MIX2, _POSITION = _int64(0x94D049BB133111EB), _int64(0x632BE59BD9B4E019)
 
 
 def _shift_right(x, n: int):

@@ -15,12 +15,14 @@ class KVBlockPool:
     def __init__(self, num_layers, num_kv_heads, head_dim, block_size, budget_bytes, dtype, device):
         self.block_size = block_size
         self.block_bytes = bytes_per_block(num_layers, num_kv_heads, head_dim, block_size, dtype)
-        self.num_blocks = int(budget_bytes // self.block_bytes)
+        # The last block is scratch: padded decode rows write there, and no session ever holds it.
+        self.num_blocks = int(budget_bytes // self.block_bytes) - 1
         if self.num_blocks < 1:
-            raise ValueError(f"KV budget of {budget_bytes / 2**20:.2f} MiB holds no block of "
+            raise ValueError(f"KV budget of {budget_bytes / 2**20:.2f} MiB holds fewer than two blocks of "
                              f"{self.block_bytes / 2**20:.2f} MiB; raise kv_cache_mb")
+        self.scratch_block = self.num_blocks
         # [layer, block, slot, kv_head, head_dim]; a layer's view is what attention writes into.
-        shape = (num_layers, self.num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, self.num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = deque(range(self.num_blocks))

@@ -20,6 +20,7 @@ class ForwardContext:
     cos: torch.Tensor             # [T, 1, head_dim]
     sin: torch.Tensor
     attend: Callable              # (q [T,H,D], k, v [T,Hkv,D], k_cache, v_cache) -> [T,H,D]
+    fused: object = None          # triton_fused on CUDA: one kernel each for norm, RoPE, SiLU-mul
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):

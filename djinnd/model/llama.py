@@ -105,8 +105,11 @@ class Attention(nn.Module):
 
     def forward(self, x, ctx, k_cache, v_cache):
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), ctx.cos, ctx.sin)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), ctx.cos, ctx.sin)
+        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        if ctx.fused is not None:        # rotates q and k in place, in one kernel each
+            q, k = ctx.fused.rope_(q, ctx.cos, ctx.sin), ctx.fused.rope_(k, ctx.cos, ctx.sin)
+        else:
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         out = ctx.attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), k_cache, v_cache)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
@@ -117,7 +120,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, fused=None):
+        if fused is not None:
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -131,8 +136,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(a)
 
     def forward(self, x, ctx, k_cache, v_cache):
-        x = x + self.self_attn(self.input_layernorm(x), ctx, k_cache, v_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        f = ctx.fused
+        if f is None:
+            x = x + self.self_attn(self.input_layernorm(x), ctx, k_cache, v_cache)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(f.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps), ctx, k_cache, v_cache)
+        h = f.rms_norm(a, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, residual=x)  # x += a
+        return x + self.mlp(h, f)
 
 
 class LlamaModel(nn.Module):

@@ -9,18 +9,22 @@ from libdjinn.protocol import ErrorCode, ProtocolError
 
 
 class Detokenizer:
-    """Incremental decode: each token's text delta, holding back half-formed UTF-8."""
+    """Incremental decode: each token's text delta, holding back half-formed UTF-8. Each push decodes
+    only the last few tokens (from the start of the previous word piece), never the whole output."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+        self.tokenizer, self.ids = tokenizer, []
+        self.prefix = self.read = 0    # ids[prefix:read] is the text already sent, as context
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        sent = decode(self.ids[self.prefix:self.read])
+        text = decode(self.ids[self.prefix:])
+        if len(text) <= len(sent) or text.endswith("\ufffd"):
             return ""
-        delta, self.sent = text[self.sent:], len(text)
-        return delta
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(sent):]
 
 
 @dataclass
