@@ -39,6 +39,11 @@ class SamplingParams:
     ignore_eos: bool = False
     breakpoints: list = field(default_factory=list)   # (layer, steps or None for every step)
 
+    @property
+    def has_decode_breakpoints(self) -> bool:
+        """A pause may come after the prompt's forward (so decode steps cannot run ahead)."""
+        return any(steps is None or any(step > 0 for step in steps) for _, steps in self.breakpoints)
+
     def breakpoint_layers(self, step: int) -> list[int]:
         """Layers to pause after in forward number `step` (0: the prompt's, then one per token)."""
         return sorted({layer for layer, steps in self.breakpoints if steps is None or step in steps})

@@ -74,7 +74,8 @@ class Engine:
                     self._fail_running(e)
 
     def _has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self.breaks.resumed(self.scheduler.running))
+        return (self.scheduler.has_work() or bool(self.breaks.resumed(self.scheduler.running))
+                or self.runner.in_flight is not None)
 
     def _drain(self, timeout: float):
         try:
@@ -191,8 +192,9 @@ class Engine:
         if prefill:
             self._forward("prefill", [s for s, _ in prefill], lambda: zip(
                 [s for s, _ in prefill], self.runner.prefill(prefill)), sum(n for _, n in prefill))
-        if decode:
-            self._forward("decode", decode, lambda: self.runner.decode(decode), len(decode))
+        if decode or self.runner.in_flight:
+            pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
+            self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
 
     def _forward(self, kind: str, sessions: list[Session], run, num_tokens: int):
         """Run one forward; a failure ends these sessions' requests with an error, and only theirs."""

@@ -4,6 +4,7 @@ forwards use the prefill path one segment of layers at a time. Sampling happens 
 the host reads only the new token ids.
 """
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -11,7 +12,15 @@ from djinnd.engine.decode_batch import DecodeBatch
 from djinnd.engine.graphs import DecodeGraphs
 from djinnd.engine.sampler import sample
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, prefill_attention
-from djinnd.session import Session
+from djinnd.session import Session, SessionState
+
+
+@dataclass
+class LaunchedStep:
+    rows: list[Session]
+    requests: list            # each row's request at launch: a token for an ended request is dropped
+    host_ids: torch.Tensor    # pinned, filled by the step's copy
+    done: object              # CUDA event after the copy, None on CPU
 
 
 class Runner:
@@ -22,7 +31,9 @@ class Runner:
         self.decoder = DecodeGraphs(model, pool, self.batch, device, attention, cuda_graphs)
         self.seeds: dict[int, int] = {}                # session id -> its request's sampling seed
         self.is_cuda = torch.device(device).type == "cuda"
-        self.host_ids = torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=self.is_cuda)
+        self.host_ids = torch.zeros(2, max_num_seqs, dtype=torch.int64, pin_memory=self.is_cuda)  # double-buffered
+        self._flip = 0
+        self.in_flight: LaunchedStep | None = None     # a decode step whose tokens the host has not read
 
     # ---- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -72,30 +83,49 @@ class Runner:
 
     # ---- decode ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, sessions: list[Session]) -> list[tuple[Session, int]]:
-        """One token for every session (each has exactly one uncached token: its last)."""
+    def decode(self, sessions: list[Session], pipelined: bool = False) -> list[tuple[Session, int]]:
+        """Launch one decode step for `sessions` (each has one uncached token: its last). Returns the
+        tokens of the step launched before it, if any, and, unless `pipelined`, of this one too.
+        Pipelined, the host appends a step's tokens while the GPU already runs the next; the step
+        in flight may compute one token past a request's end, which is dropped (its K/V lands in
+        blocks the request still holds)."""
+        launched = self._launch(sessions) if sessions else None
+        previous, self.in_flight = self.in_flight, launched
+        tokens = self._collect(previous) if previous else []
+        if not pipelined and self.in_flight:
+            tokens += self._collect(self.in_flight)
+            self.in_flight = None
+        return tokens
+
+    def _launch(self, sessions: list[Session]) -> "LaunchedStep":
         for s in sessions:
             self.seed(s)
         self.batch.sync(sessions, self.seeds)
         n, rows = self.batch.num_rows, list(self.batch.sessions)
-        num_blocks = None if self.decoder.kernel else self.pool.blocks_for(max(len(s.tokens) for s in rows))
-        logits = self.decoder.run(n, num_blocks)
+        bound = None if self.decoder.kernel else self.pool.blocks_for(max(len(s.tokens) for s in rows) + 1)
+        logits = self.decoder.run(n, bound)
         ids = self.batch.sampling.sample(logits, self.batch.positions[:n], n)
         self.batch.input_ids[:n] = ids
-        for s in rows:
-            s.num_cached = len(s.tokens)
-        return list(zip(rows, self._read(ids)))
-
-    def _read(self, ids) -> list[int]:
-        """The step's one host read. Waiting on an event releases the GIL, so the server's loop
-        keeps streaming tokens to clients while the GPU works."""
-        n = ids.shape[0]
-        self.host_ids[:n].copy_(ids, non_blocking=True)
-        if self.is_cuda:
-            done = torch.cuda.Event()
+        host = self.host_ids[self._flip][:n]
+        self._flip ^= 1
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event() if self.is_cuda else None
+        if done is not None:
             done.record()
-            done.synchronize()
-        return self.host_ids[:n].tolist()
+        return LaunchedStep(rows, [s.request for s in rows], host, done)
+
+    @staticmethod
+    def _collect(step: "LaunchedStep") -> list[tuple[Session, int]]:
+        """Wait for a launched step (an event wait releases the GIL, so the server keeps streaming)
+        and hand out its tokens to the sessions still on the same request."""
+        if step.done is not None:
+            step.done.synchronize()
+        out = []
+        for s, request, token in zip(step.rows, step.requests, step.host_ids.tolist()):
+            if s.request is request and s.state is SessionState.RUNNING:
+                s.num_cached = len(s.tokens)
+                out.append((s, token))
+        return out
 
     def seed(self, s: Session) -> int:
         if s.id not in self.seeds:
