@@ -11,7 +11,7 @@ from conftest import hf_greedy, hf_reference, random_prompts, start_daemon, stop
 from djinnd.model.presets import build_random
 from test_daemon import TINY_VOCAB, spawn_agent
 
-POOL_MB = "0.25"      # random:tiny: 16 KiB per 16-token block, so 16 blocks: about 3 agents' worth
+POOL_MB = "0.265625"  # random:tiny: 16 KiB per 16-token block: 16 blocks (about 3 agents' worth) + the scratch block
 NUM_AGENTS = 22
 
 
@@ -62,7 +62,7 @@ def fill_two_sessions(djinn, hf_tiny):
 
 
 def test_policy_none_refuses_with_the_shortfall(tmp_path, hf_tiny):
-    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.125", "--policy", "none")
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.140625", "--policy", "none")
     try:
         with libdjinn.connect(daemon.socket) as djinn:
             sessions, prompts, outs = fill_two_sessions(djinn, hf_tiny)      # 3 of 8 blocks each
@@ -76,7 +76,7 @@ def test_policy_none_refuses_with_the_shortfall(tmp_path, hf_tiny):
 
 
 def test_full_host_arena_refuses_clearly_and_loses_nothing(tmp_path, hf_tiny):
-    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.125",
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.140625",
                           "--host-arena-mb", "0.03")          # one host block: no session fits
     try:
         with libdjinn.connect(daemon.socket) as djinn:
