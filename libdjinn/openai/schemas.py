@@ -52,13 +52,15 @@ class Sampling(Loose):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
+    ignore_eos: bool = False          # an extension, as in vLLM: always generate max_tokens
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
     def daemon_sampling(self, max_tokens: int) -> dict:
-        p = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": max(self.top_p, 1e-6)}
+        p = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": max(self.top_p, 1e-6),
+             "ignore_eos": self.ignore_eos}
         return p | ({"seed": self.seed} if self.seed is not None else {})
 
     def include_usage(self) -> bool:
