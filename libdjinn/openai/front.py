@@ -90,7 +90,8 @@ class Front:
         except ConnectionError as e:
             self.link.lost(e)
         except DjinnError:
-            self.release(conv, None, 0)
+            if conv is not None:
+                self.release(conv, None, 0)
             raise
         keep = min(matched, len(ids) - 1)     # at least one token must be fed
         return Turn(self, conv, ids, keep, req.daemon_sampling(max_tokens), stream)
