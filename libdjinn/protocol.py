@@ -57,6 +57,7 @@ REQUESTS = {
         "stream": ((bool,), False),
         "ignore_eos": ((bool,), False),
         "breakpoints": ((list,), False),   # [{"layer": L, "steps": [0, ...] or "all"}]
+        "keep_tokens": (_INT, False),      # first cut the session's history to its first keep_tokens
     },
     "resume": {"session": (_INT, True), "shape": ((list,), False), "dtype": ((str,), False)},
     "status": {},

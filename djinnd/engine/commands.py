@@ -33,6 +33,7 @@ class Generate:
     prompt_ids: list[int]
     params: SamplingParams
     reply: Reply
+    keep_tokens: int | None = None   # cut the history to this many tokens before appending the prompt
 
 
 @dataclass

@@ -149,9 +149,10 @@ class Engine:
         s = self._owned(c.owner, c.session)
         if s.state is not SessionState.IDLE:
             raise EngineError(ErrorCode.BUSY, f"session {s.id} already has a request in flight")
-        total = len(s.tokens) + len(c.prompt_ids) + c.params.max_new_tokens
+        keep = _kept_history(s, c.keep_tokens)
+        total = keep + len(c.prompt_ids) + c.params.max_new_tokens
         if total > self.max_model_len:
-            raise EngineError(ErrorCode.CONTEXT_OVERFLOW, f"session {s.id}: {len(s.tokens)} tokens of history "
+            raise EngineError(ErrorCode.CONTEXT_OVERFLOW, f"session {s.id}: {keep} tokens of history "
                               f"+ {len(c.prompt_ids)} prompt + {c.params.max_new_tokens} new = {total} "
                               f"> the model's context of {self.max_model_len}")
         if self.pool.blocks_for(total) > self.pool.num_blocks:
@@ -162,6 +163,7 @@ class Engine:
         bad_layers = check_layers(c.params.breakpoints, self.loaded.model.args.num_layers)
         if bad_layers:
             raise EngineError(ErrorCode.BAD_REQUEST, bad_layers)
+        self.pager.truncate(s, keep)
         s.tokens.extend(c.prompt_ids)
         s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
         s.prefetched = False
@@ -274,6 +276,16 @@ class Engine:
             c.reply(cmd.Result({"timeline": list(self.metrics.timeline)}))
         else:
             c.reply(cmd.Result(engine_status(self)))
+
+
+def _kept_history(s: Session, keep_tokens: int | None) -> int:
+    """How much of an idle session's history a request keeps (keep_tokens: cut it there first)."""
+    if keep_tokens is None:
+        return len(s.tokens)
+    if not 0 <= keep_tokens <= len(s.tokens):
+        raise EngineError(ErrorCode.BAD_REQUEST, f"session {s.id}: keep_tokens must be in [0, {len(s.tokens)}] "
+                          f"(the tokens it holds), got {keep_tokens}")
+    return keep_tokens
 
 
 def _kv_state(s: Session) -> str:

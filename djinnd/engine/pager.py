@@ -112,3 +112,41 @@ class Pager:
             self.arena.free(s.host_runs)
         s.block_table, s.host_runs = [], []
         self.sessions.pop(s.id, None)
+
+    def truncate(self, s: Session, keep: int):
+        """Cut an idle session's history to its first `keep` tokens and free the KV blocks past them.
+        The K/V of the tokens kept does not depend on later ones, so it stays valid wherever it is."""
+        if keep >= len(s.tokens):
+            return
+        del s.tokens[keep:]
+        s.num_cached = min(s.num_cached, keep)
+        n = self.pool.blocks_for(s.num_cached)
+        if s.kv is KVPlace.HOST:
+            s.host_runs, spare = split_runs(s.host_runs, n)
+            self._free_after_copies(s, [], spare)
+            if not s.host_runs:
+                s.kv = KVPlace.DEVICE      # nothing left to bring back
+        else:
+            spare, s.block_table = s.block_table[n:], s.block_table[:n]
+            self._free_after_copies(s, spare, [])
+
+    def _free_after_copies(self, s: Session, blocks: list[int], runs: list):
+        if s.transfers:     # a copy may still read or write them
+            s.transfers[-1].free_device += blocks
+            s.transfers[-1].free_host += runs
+        else:
+            self.pool.free(blocks)
+            self.arena.free(runs)
+
+
+def split_runs(runs: list, n: int) -> tuple[list, list]:
+    """Host runs -> (runs of their first n blocks, runs of the rest)."""
+    head, tail = [], []
+    for start, length in runs:
+        take = max(0, min(length, n))
+        if take:
+            head.append((start, take))
+        if length > take:
+            tail.append((start + take, length - take))
+        n -= take
+    return head, tail

@@ -25,6 +25,7 @@ class LoadedModel:
     tokenizer: object | None      # a transformers tokenizer, or None for random presets
     label: str                    # what `djinnctl status` shows
     is_random: bool
+    tokenizer_dir: str | None = None   # where the tokenizer's files are, for clients on this machine
 
 
 def cache_dir() -> str:
@@ -107,7 +108,8 @@ def load_model(name: str, seed: int, dtype, device) -> LoadedModel:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
     label = "SmolLM2-135M-Instruct (embedded, GGUF Q4_1 dequantized)" if name == EMBEDDED else path
-    return LoadedModel(load_hf_dir(path, dtype, device), tokenizer, label, False)
+    return LoadedModel(load_hf_dir(path, dtype, device), tokenizer, label, False,
+                       os.path.abspath(path) if tokenizer is not None else None)
 
 
 def _has_tokenizer(path: str) -> bool:

@@ -15,6 +15,7 @@ class Connection:
     def __init__(self, conn_id: int, pid: int, writer, inbox, loaded, loop):
         self.id, self.pid, self.writer, self.inbox, self.loop = conn_id, pid, writer, inbox, loop
         self.tokenizer, self.label = loaded.tokenizer, loaded.label
+        self.tokenizer_dir = loaded.tokenizer_dir
         self.greeted = False
         self.chats: dict[int, ChatState] = {}
 
@@ -45,7 +46,8 @@ class Connection:
                                 f"supported; this daemon speaks {PROTOCOL_VERSION}")
         self.greeted = True
         self.send({"type": "result", "id": rid, "version": PROTOCOL_VERSION, "model": self.label,
-                   "has_tokenizer": self.tokenizer is not None, "daemon_pid": os.getpid()})
+                   "has_tokenizer": self.tokenizer is not None, "daemon_pid": os.getpid(),
+                   "tokenizer_dir": self.tokenizer_dir})
 
     def _on_open_session(self, rid, f):
         self.inbox.put(cmd.OpenSession(self.id, self.pid, self._simple(rid)))
@@ -92,7 +94,7 @@ class Connection:
                            "cached_tokens": event.cached_tokens})
             else:
                 self.send(error_reply(rid, event.code, event.message))
-        self.inbox.put(cmd.Generate(self.id, f["session"], ids, params, self.relay(on_event)))
+        self.inbox.put(cmd.Generate(self.id, f["session"], ids, params, self.relay(on_event), f.get("keep_tokens")))
 
     def _prompt_ids(self, f) -> tuple[list[int], ChatState | None]:
         given = [k for k in ("prompt", "prompt_ids", "messages") if f.get(k) is not None]
@@ -106,6 +108,9 @@ class Connection:
         if self.tokenizer is None:
             raise ProtocolError(ErrorCode.NO_TOKENIZER, f"model {self.label} has no tokenizer; send prompt_ids")
         if given[0] == "messages":
+            if f.get("keep_tokens") is not None:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: keep_tokens needs prompt or prompt_ids, "
+                                    "not messages (the chat history would no longer match)")
             state = self.chats.get(f["session"], ChatState())
             return chat_turn(self.tokenizer, state, check_messages(f["messages"]))
         first_turn = f["session"] not in self.chats

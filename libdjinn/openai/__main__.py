@@ -1,0 +1,3 @@
+from libdjinn.openai.cli import main
+
+main()

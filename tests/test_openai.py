@@ -1,0 +1,191 @@
+"""djinn-openai: a real djinnd, a real front process on a loopback port, the official openai client.
+Replies are compared with a direct libdjinn session fed the same token ids."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+import libdjinn
+from conftest import ROOT, start_daemon, stop_daemon
+from libdjinn.openai import tool_calls
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Front:
+    def __init__(self, daemon_socket: str, *flags):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "libdjinn.openai", "--socket", daemon_socket,
+                                      "--listen", f"127.0.0.1:{self.port}", *flags], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while not self._up():
+            assert self.proc.poll() is None and time.time() < deadline, self.proc.stdout.read()
+            time.sleep(0.2)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/v1/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = start_daemon(tmp_path_factory.mktemp("openai"), "--kv-cache-mb", "64")   # the embedded model
+    yield d
+    stop_daemon(d)
+
+
+@pytest.fixture(scope="module")
+def front(daemon):
+    f = Front(daemon.socket)
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def direct(daemon):
+    with libdjinn.connect(daemon.socket) as djinn:
+        yield djinn
+
+
+def direct_reply(djinn, ids, max_new_tokens) -> list[int]:
+    s = djinn.session()
+    try:
+        return s.generate(prompt_ids=ids, max_new_tokens=max_new_tokens).tokens
+    finally:
+        s.close()
+
+
+def tokenizer(djinn):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(djinn.info["tokenizer_dir"])
+
+
+def chat_ids(tok, messages, tools=None) -> list[int]:
+    return tok.encode(tool_calls.render(tok, messages, tools), add_special_tokens=False)
+
+
+def test_chat_stream_and_whole_agree_with_a_direct_session(front, direct):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = front.client.chat.completions.create(model="djinn", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(front.client.chat.completions.create(model="djinn", messages=messages, max_tokens=12,
+                                                       temperature=0, stream=True,
+                                                       stream_options={"include_usage": True}))
+    tok = tokenizer(direct)
+    expected = direct_reply(direct, chat_ids(tok, messages), 12)
+    assert whole.choices[0].message.content == tok.decode(expected, skip_special_tokens=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == len(expected)
+    assert whole.usage.prompt_tokens == len(chat_ids(tok, messages))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_completions_models_stop_strings(front, direct):
+    assert [m.id for m in front.client.models.list().data] == ["djinn"]
+    tok = tokenizer(direct)
+    r = front.client.completions.create(model="djinn", prompt="Once upon a time", max_tokens=10, temperature=0)
+    expected = tok.decode(direct_reply(direct, tok.encode("Once upon a time"), 10), skip_special_tokens=True)
+    assert r.choices[0].text == expected and r.usage.completion_tokens == 10
+    stop = expected.split()[1]       # a word the reply is known to contain
+    cut = front.client.completions.create(model="djinn", prompt="Once upon a time", max_tokens=10, temperature=0,
+                                          stop=[stop])
+    assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_tool_conversation_reuses_history_and_pages_by_phase(front, direct):
+    tok = tokenizer(direct)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    turn1 = front.client.chat.completions.create(model="djinn", messages=messages, tools=TOOLS, tool_choice=WEATHER,
+                                                 max_tokens=24, temperature=0)
+    assert turn1.choices[0].finish_reason == "tool_calls"
+    call = turn1.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    phases = lambda: [s["phase"] for s in direct.status()["sessions"]]  # noqa: E731
+    deadline = time.time() + 30
+    while "IO_WAIT" not in phases():      # set once the daemon has finished the turn
+        assert time.time() < deadline, direct.status()["sessions"]
+        time.sleep(0.1)
+    # turn 2, as agent frameworks send it: the assistant's tool call and the tool's result in the history
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+    turn2 = front.client.chat.completions.create(model="djinn", messages=messages, tools=TOOLS, max_tokens=10,
+                                                 temperature=0)
+    history = chat_ids(tok, messages[:1], TOOLS)
+    assert turn2.usage.prompt_tokens_details.cached_tokens >= len(history)
+    expected = direct_reply(direct, chat_ids(tok, messages, TOOLS), 10)
+    assert turn2.choices[0].message.content == tok.decode(expected, skip_special_tokens=True)
+    assert "IO_WAIT" not in phases()       # the request bringing the tool result set it ACTIVE
+
+
+def test_twenty_concurrent_client_processes(front):
+    prompts = [f"Say the number {i % 5}." for i in range(20)]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "openai_client_proc.py"),
+                               front.url + "/v1", p], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for p in prompts]
+    replies = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+        replies.append(json.loads(out))
+    for i, r in enumerate(replies):
+        assert r["completion_tokens"] >= 1
+        assert r["content"] == replies[i % 5]["content"]     # same prompt, same greedy reply
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(front):
+    def post(body, **kw):
+        return httpx.post(front.url + "/v1/chat/completions", timeout=30, **kw, **(
+            {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) else
+            {"json": body}))
+    ok = {"model": "djinn", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    cases = [("{not json", 400, None), ({**ok, "model": "gpt-9"}, 404, "model_not_found"),
+             ({"model": "djinn"}, 400, None), ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+             ({**ok, "temperature": "hot"}, 400, None), ({**ok, "max_tokens": 10 ** 6}, 400, "context_length_exceeded"),
+             ({**ok, "messages": [{"role": "user", "content": "x " * 9000}]}, 400, "context_length_exceeded")]
+    for body, status, code in cases:
+        r = post(body)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error" and err["code"] == code
+    assert post(ok).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        front.client.chat.completions.create(model="gpt-9", messages=ok["messages"])
+
+
+def test_daemon_down_is_503_and_metrics_health(front, tmp_path):
+    dead = Front(str(tmp_path / "nobody.sock"))
+    try:
+        r = httpx.post(dead.url + "/v1/chat/completions", json={"model": "djinn", "messages": [
+            {"role": "user", "content": "Hi"}]}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "daemon_unavailable"
+        assert httpx.get(dead.url + "/health").status_code == 503
+        assert httpx.get(dead.url + "/v1/models").status_code == 200     # still serving
+    finally:
+        dead.stop()
+    assert httpx.get(front.url + "/health").json() == {"status": "ok"}
+    metrics = httpx.get(front.url + "/metrics").text
+    assert "djinn_daemon_up 1.0" in metrics and 'djinn_daemon_counter{name="tokens_generated"}' in metrics
+    assert 'djinn_openai_tokens_total{kind="cached"}' in metrics
