@@ -25,6 +25,7 @@ class LoadedModel:
     tokenizer: object | None      # a transformers tokenizer, or None for random presets
     label: str                    # what `djinnctl status` shows
     is_random: bool
+    flat_weights: object = None   # FlatWeights once packed, or Unexported (model/flat_weights.py)
 
 
 def cache_dir() -> str:
