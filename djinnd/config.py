@@ -28,6 +28,7 @@ class ModelConfig:
     dtype: str = "auto"           # auto: float32 on CPU, bfloat16 on CUDA
     seed: int = 0                 # seeds random-weight presets
     max_model_len: int = 0        # 0: the model's own context length
+    export_weights: bool = True   # pack weights in one buffer that local processes can attach (CUDA IPC / shm)
 
     def __post_init__(self):
         _require(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")

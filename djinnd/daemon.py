@@ -9,6 +9,7 @@ from djinnd.engine.engine import Engine
 from djinnd.engine.status import memory_probe
 from djinnd.memory.block_pool import KVBlockPool
 from djinnd.memory.host_arena import HostArena, sweep_stale_segments
+from djinnd.model.flat_weights import pack_weights
 from djinnd.model.loader import load_model
 from djinnd.metrics import TimelineSampler
 from djinnd.server.listener import Listener
@@ -36,6 +37,7 @@ def build_engine(config) -> Engine:
     device = resolve_device(config.engine.device)
     dtype = resolve_dtype(config.model.dtype, device)
     loaded = load_model(config.model.model, config.model.seed, dtype, device)
+    loaded.flat_weights = pack_weights(loaded.model, config.model.export_weights)
     a = loaded.model.args
     pool = KVBlockPool(a.num_layers, a.num_kv_heads, a.head_dim, config.memory.block_size,
                        config.memory.kv_cache_mb * 2**20, dtype, device)
@@ -74,3 +76,4 @@ async def _serve(engine: Engine, config, path: str):
     await listener.close()
     engine.join()
     engine.arena.close()
+    engine.close_weights()

@@ -1,6 +1,7 @@
 """libdjinn: the client library agents import to use a shared model served by djinnd."""
 from libdjinn.client import (BadRequest, Connection, ContextOverflow, DjinnError, Generation, NoCapacity,
-                             NotOwner, Session, TokenEvent, UnknownSession)
+                             NotExported, NotOwner, Session, TokenEvent, UnknownSession)
+from libdjinn.ghost import GhostModel
 from libdjinn.protocol import ErrorCode
 from libdjinn.trace import Pause, Trace
 
@@ -11,4 +12,5 @@ def connect(path: str | None = None) -> Connection:
 
 
 __all__ = ["connect", "Connection", "Session", "Generation", "TokenEvent", "DjinnError", "ErrorCode",
-           "UnknownSession", "NotOwner", "ContextOverflow", "NoCapacity", "BadRequest", "Pause", "Trace"]
+           "UnknownSession", "NotOwner", "ContextOverflow", "NoCapacity", "BadRequest", "NotExported", "Pause", "Trace",
+           "GhostModel"]

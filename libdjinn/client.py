@@ -29,11 +29,12 @@ class NotOwner(DjinnError): pass
 class ContextOverflow(DjinnError): pass
 class NoCapacity(DjinnError): pass
 class BadRequest(DjinnError): pass
+class NotExported(DjinnError): pass
 
 
 ERRORS = {ErrorCode.UNKNOWN_SESSION: UnknownSession, ErrorCode.NOT_OWNER: NotOwner,
           ErrorCode.CONTEXT_OVERFLOW: ContextOverflow, ErrorCode.NO_CAPACITY: NoCapacity,
-          ErrorCode.BAD_REQUEST: BadRequest}
+          ErrorCode.BAD_REQUEST: BadRequest, ErrorCode.NOT_EXPORTED: NotExported}
 
 
 def raise_for(reply: dict):
@@ -74,6 +75,16 @@ class Connection:
 
     def status(self) -> dict:
         return self.request("status")
+
+    def attach_weights(self, writable: bool = False):
+        """The daemon's weights as HF-named torch tensors sharing its memory, read-only (libdjinn/weights.py)."""
+        from libdjinn.weights import attach_weights
+        return attach_weights(self, writable)
+
+    def hf_model(self):
+        """An HF transformers LlamaForCausalLM whose parameters are the attached weights (no copy)."""
+        from libdjinn.weights import hf_model
+        return hf_model(self.attach_weights())
 
     def request(self, kind: str, **fields) -> dict:
         """One request, one reply; raises the DjinnError subclass for an error reply."""

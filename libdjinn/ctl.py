@@ -8,6 +8,7 @@ Exit 0 ok, 1 error from the daemon, 3 daemon not running."""
 import argparse
 import json
 import sys
+import time
 
 from libdjinn import plots
 from libdjinn.client import Connection, DjinnError
@@ -108,6 +109,7 @@ def format_status(r: dict) -> str:
                      f"{s['kv_tokens']:>7} {s['kv_blocks']:>6} {s['host_blocks']:>5} {s['kv_where']}")
     if not r["sessions"]:
         lines.append("    (no sessions)")
+    lines += format_attachments(r.get("weights_export"))
     lines.append("\ncounters")
     lines += [f"  {k:<32} {v:,.3f}" if isinstance(v, float) else f"  {k:<32} {v:,}" for k, v in r["counters"].items()]
     recent = r["swaps"]["recent"]
@@ -116,6 +118,20 @@ def format_status(r: dict) -> str:
         lines += [f"  session {w['session']:>4} {w['direction']:<3} {w['bytes'] / MiB:8.2f} MiB {w['ms']:8.2f} ms "
                   f"{w['gb_per_s']:7.2f} GB/s  {w['cause']}" for w in recent]
     return "\n".join(lines)
+
+
+def format_attachments(w: dict | None) -> list[str]:
+    """The weights export and the processes attached to it (pid, bytes mapped, since when)."""
+    if w is None:
+        return []
+    if not w["exported"]:
+        return [f"\nweights export: none ({w['reason']})"]
+    lines = [f"\nweights export: {w['kind']}, {w['bytes'] / MiB:,.1f} MiB, {len(w['attachments'])} attached",
+             f"{'PID':>7} {'MAPPED MiB':>11} {'SINCE':<20} {'FOR s':>8}"]
+    lines += [f"{a['pid']:>7} {a['bytes_mapped'] / MiB:>11,.1f} "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(a['since'])):<20} {a['seconds']:>8,.1f}"
+              for a in w["attachments"]]
+    return lines
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class ErrorCode(enum.IntEnum):
     BUSY = 11              # the session already has a request in flight
     NO_TOKENIZER = 12      # text asked of a model that has no tokenizer
     INTERNAL = 13
+    NOT_EXPORTED = 14      # the daemon's weights cannot be attached (streamed, or export off)
 
 
 class ProtocolError(Exception):
@@ -63,6 +64,10 @@ REQUESTS = {
     "status": {},
     "swaps": {},
     "timeline": {},
+    "model_config": {},                                  # the model's HF config (as a dict)
+    "attach_weights": {"writable": ((bool,), False)},  # the weights export: handle + layout
+    "detach_weights": {},
+    "forward": {"input_ids": ((list,), True)},         # [[token, ...], ...] -> logits in shared memory
 }
 
 

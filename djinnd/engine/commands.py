@@ -67,6 +67,35 @@ class Status:
     report: str = "status"        # status, swaps or timeline
 
 
+@dataclass
+class AttachWeights:
+    """Map the daemon's weights (read-only): reply with the export handle and layout."""
+    owner: int
+    owner_pid: int
+    writable: bool
+    reply: Reply
+
+
+@dataclass
+class DetachWeights:
+    owner: int
+    reply: Reply
+
+
+@dataclass
+class GhostForward:
+    """Logits of token ids [B][T] outside any session, written to shared memory."""
+    owner: int
+    input_ids: list[list[int]]
+    reply: Reply
+
+
+@dataclass
+class ModelConfig:
+    """The model's config as an HF config dict."""
+    reply: Reply
+
+
 # Events
 @dataclass
 class Token:

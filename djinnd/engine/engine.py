@@ -9,9 +9,11 @@ import time
 from djinnd.engine import commands as cmd
 from djinnd.engine.runner import Runner
 from djinnd.engine.breakpoints import BreakpointError, BreakpointRunner, check_layers
+from djinnd.engine.ghost_forward import GhostError, GhostForwards
 from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
+from djinnd.engine.weights_export import ExportError, WeightExports
 from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
 from djinnd.session import KVPlace, Phase, Request, Session, SessionState
@@ -43,6 +45,9 @@ class Engine:
                                    config.engine.max_num_batched_tokens)
         self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
+        self.exports = WeightExports(loaded)
+        self.ghost = GhostForwards(self.runner, pool, self.max_model_len,
+                                   max(e.max_num_batched_tokens, self.max_model_len))
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -94,8 +99,10 @@ class Engine:
                 cmd.Generate: self._generate, cmd.SetPhase: self._set_phase,
                 cmd.ReleaseOwner: self._release_owner, cmd.Status: self._status,
                 cmd.Resume: self._resume,
+                cmd.AttachWeights: self._attach_weights, cmd.DetachWeights: self._detach_weights,
+                cmd.GhostForward: self._ghost_forward, cmd.ModelConfig: self._model_config,
             }[type(c)](c)
-        except (EngineError, BreakpointError) as e:
+        except (EngineError, BreakpointError, ExportError, GhostError) as e:
             c.reply(cmd.Failed(e.code, e.message))
         except Exception as e:  # a bug must cost one request, never the daemon
             log.exception("command %s failed", type(c).__name__)
@@ -130,6 +137,7 @@ class Engine:
         self.metrics.inc("sessions_closed")
 
     def _release_owner(self, c: cmd.ReleaseOwner):
+        self._release_weights(c.owner)
         gone = [s for s in self.sessions.values() if s.owner == c.owner]
         for s in gone:
             self._drop(s, "client disconnected")
@@ -276,6 +284,31 @@ class Engine:
             c.reply(cmd.Result({"timeline": list(self.metrics.timeline)}))
         else:
             c.reply(cmd.Result(engine_status(self)))
+
+    # ---- weights export and ghost forwards (engine/weights_export.py, engine/ghost_forward.py) ----
+    def _attach_weights(self, c: cmd.AttachWeights):
+        c.reply(cmd.Result(self.exports.attach(c.owner, c.owner_pid, c.writable)))
+        self.metrics.inc("weights_attaches")
+
+    def _detach_weights(self, c: cmd.DetachWeights):
+        c.reply(cmd.Result({"detached": self.exports.detach(c.owner)}))
+
+    def _ghost_forward(self, c: cmd.GhostForward):
+        c.reply(cmd.Result({"logits": self.ghost.run(c.owner, c.input_ids)}))
+        self.metrics.inc("ghost_forwards")
+
+    def _model_config(self, c: cmd.ModelConfig):
+        c.reply(cmd.Result({"config": self.loaded.model.args.to_hf(), "label": self.loaded.label}))
+
+    def _release_weights(self, owner: int):
+        """A connection closed: its attachment and its last forward's logits go with it."""
+        self.exports.detach(owner)
+        self.ghost.release(owner)
+
+    def close_weights(self):
+        """At shutdown: unlink the weights segment and any logits segments."""
+        self.ghost.close()
+        self.exports.close()
 
 
 def _kept_history(s: Session, keep_tokens: int | None) -> int:

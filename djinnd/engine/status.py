@@ -27,6 +27,7 @@ def engine_status(engine) -> dict:
                   "swaps_in_flight": len(engine.pager.swapper.in_flight)},
         "counters": engine.metrics.snapshot(),
         "swaps": engine.metrics.swap_report(recent=5),
+        "weights_export": engine.exports.status(),
     }
 
 

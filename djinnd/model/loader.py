@@ -26,6 +26,7 @@ class LoadedModel:
     label: str                    # what `djinnctl status` shows
     is_random: bool
     tokenizer_dir: str | None = None   # where the tokenizer's files are, for clients on this machine
+    flat_weights: object = None   # FlatWeights once packed, or Unexported (model/flat_weights.py)
 
 
 def cache_dir() -> str:

@@ -71,6 +71,18 @@ class Connection:
     def _on_timeline(self, rid, f):
         self.inbox.put(cmd.Status(self._simple(rid), "timeline"))
 
+    def _on_model_config(self, rid, f):
+        self.inbox.put(cmd.ModelConfig(self._simple(rid)))
+
+    def _on_attach_weights(self, rid, f):
+        self.inbox.put(cmd.AttachWeights(self.id, self.pid, bool(f.get("writable")), self._simple(rid)))
+
+    def _on_detach_weights(self, rid, f):
+        self.inbox.put(cmd.DetachWeights(self.id, self._simple(rid)))
+
+    def _on_forward(self, rid, f):
+        self.inbox.put(cmd.GhostForward(self.id, check_input_ids(f["input_ids"]), self._simple(rid)))
+
     def _on_generate(self, rid, f):
         params = sampling_params(f)
         ids, chat = self._prompt_ids(f)
@@ -146,3 +158,13 @@ def parse_breakpoints(items: list) -> list:
                                 "'steps': list of forward numbers (0 = the prompt) or 'all'}")
         out.append((b["layer"], None if steps == "all" else set(steps)))
     return out
+
+
+def check_input_ids(rows) -> list[list[int]]:
+    """A forward's input_ids: a non-empty list of equally long, non-empty lists of ints."""
+    ok = rows and all(isinstance(r, list) and r and all(isinstance(t, int) and not isinstance(t, bool) for t in r)
+                      for r in rows) and len({len(r) for r in rows}) == 1
+    if not ok:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "forward: input_ids must be [[token, ...], ...]: "
+                            "non-empty rows of ints, all of one length (no padding)")
+    return rows
