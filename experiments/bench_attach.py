@@ -117,10 +117,18 @@ def gpu_memory_by_pid() -> dict:
     return {int(pid): int(mib) * 2**20 for pid, mib in rows}
 
 
+def wait_ready(proc: subprocess.Popen):
+    """Skip whatever a library printed first; a process that exits before 'ready' is an error."""
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            return
+    raise RuntimeError(f"attached process {proc.pid} exited with {proc.wait()} before it was ready")
+
+
 def concurrent(sock: str, a) -> dict:
     hammers = [spawn("hammer", sock, a) for _ in range(a.attached)]
     for h in hammers:
-        assert h.stdout.readline().strip() == "ready"
+        wait_ready(h)
     with libdjinn.connect(sock) as djinn:
         attachments = djinn.status()["weights_export"]["attachments"]
     by_pid = gpu_memory_by_pid()

@@ -7,9 +7,10 @@ import subprocess
 import sys
 import time
 
-import httpx
-import openai
 import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
 
 import libdjinn
 from conftest import ROOT, start_daemon, stop_daemon
