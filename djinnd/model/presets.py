@@ -14,6 +14,9 @@ PRESETS = {
     "llama-2-13b": ModelArgs(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
                              num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128,
                              max_position_embeddings=4096),
+    "llama-2-34b": ModelArgs(vocab_size=32000, hidden_size=8192, intermediate_size=22016,   # CodeLlama-34B shapes
+                             num_layers=48, num_heads=64, num_kv_heads=8, head_dim=128,
+                             max_position_embeddings=4096),
 }
 
 
