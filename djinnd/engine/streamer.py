@@ -83,8 +83,14 @@ class LayerStreamer:
         self.resident_bytes = param_bytes(model) - self.host.nbytes
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()          # the streamed layers' device copies are gone
+        self.ring = None
+        self.set_ring(depth, chunk_bytes, device)
+
+    def set_ring(self, depth: int, chunk_bytes: int, device):
+        """A ring of depth + 1 slots (at most one per streamed layer); call between forwards only."""
+        self.ring = self.slot_params = None           # the old ring's memory goes first
         slots = min(depth + 1, self.num_streamed)
-        self.ring = WeightRing(shapes, dtype, device, slots * self.host.layer_bytes, chunk_bytes)
+        self.ring = WeightRing(self.host.shapes, self.host.dtype, device, slots * self.host.layer_bytes, chunk_bytes)
         self.slot_params = [self._params(v) for v in self.ring.views]
         self.loaded = collections.deque()     # (streamed position, slot): a cyclic run, in load order
         self.next_slot = 0

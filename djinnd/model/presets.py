@@ -26,7 +26,7 @@ def build_random(name: str, seed: int, dtype, device) -> LlamaForCausalLM:
         raise ValueError(f"unknown random preset {name!r}; known: {sorted(PRESETS)}")
     with torch.device("meta"):
         model = LlamaForCausalLM(PRESETS[name])
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)     # allocate in dtype: 34B in float32 would not fit
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
