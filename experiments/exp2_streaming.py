@@ -32,15 +32,29 @@ from djinnd.model.loader import load_model  # noqa: E402
 from djinnd.session import Session  # noqa: E402
 
 GiB = 2**30
-KV_MB = 3072.0
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"    # CPU: a smoke run of the script itself (random:tiny), not a measurement
+DTYPE = torch.float16 if CUDA else torch.float32
 LOGIT_ATOL = 0.0      # same kernels, same weights, same device: the logits must be the same bits
 
 
 def sync():
-    torch.cuda.synchronize()
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def reset_peak():
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak() -> int:
+    return torch.cuda.max_memory_allocated() if CUDA else 0
 
 
 def pinned_h2d(nbytes=GiB, reps=8) -> float:
+    if not CUDA:
+        return float("nan")
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dev.copy_(host, non_blocking=True)
@@ -52,14 +66,14 @@ def pinned_h2d(nbytes=GiB, reps=8) -> float:
     return nbytes * reps / (time.perf_counter() - start)
 
 
-def make_engine(loaded, device) -> Engine:
-    config = load_config(None, {"model": "x", "device": "cuda", "kv_cache_mb": KV_MB, "max_num_seqs": 32, "cuda_graphs": False,
+def make_engine(loaded, kv_mb: float) -> Engine:
+    config = load_config(None, {"model": "x", "device": DEVICE, "kv_cache_mb": kv_mb, "max_num_seqs": 32, "cuda_graphs": False,
                                 "host_arena_mb": 64.0})
     a = loaded.model.args
     dtype = next(loaded.model.parameters()).dtype
-    pool = KVBlockPool(a.num_layers, a.num_kv_heads, a.head_dim, 16, int(KV_MB * MiB), dtype, device)
+    pool = KVBlockPool(a.num_layers, a.num_kv_heads, a.head_dim, 16, int(kv_mb * MiB), dtype, DEVICE)
     arena = HostArena(int(64 * MiB // pool.block_bytes), pool.host_block_shape, dtype, pin=False)
-    return Engine(loaded, pool, arena, config, device)
+    return Engine(loaded, pool, arena, config, torch.device(DEVICE))
 
 
 @torch.inference_mode()
@@ -111,16 +125,18 @@ def accelerate_model(model, num_resident: int):
     with torch.device("meta"):
         hf = LlamaForCausalLM(config)
     hf.load_state_dict(hf_state_dict(model), strict=False, assign=True)   # shares our tensors: no copy
-    hf.model.rotary_emb = LlamaRotaryEmbedding(config, device="cuda")
-    device_map = {"model.embed_tokens": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
-    device_map.update({f"model.layers.{i}": 0 if i < num_resident else "cpu" for i in range(model.args.num_layers)})
-    return dispatch_model(hf.eval(), device_map=device_map, main_device=0)
+    with torch.device(DEVICE):        # its inv_freq buffer is not in the state dict
+        hf.model.rotary_emb = LlamaRotaryEmbedding(config)
+    gpu = 0 if CUDA else "cpu"
+    device_map = {"model.embed_tokens": gpu, "model.norm": gpu, "model.rotary_emb": gpu, "lm_head": gpu}
+    device_map.update({f"model.layers.{i}": gpu if i < num_resident else "cpu" for i in range(model.args.num_layers)})
+    return dispatch_model(hf.eval(), device_map=device_map, main_device=gpu)
 
 
 @torch.inference_mode()
 def measure_accelerate(hf, vocab, new_tokens: int, full: bool) -> dict:
     def generate(batch, n):
-        ids = torch.tensor(batch, device="cuda")
+        ids = torch.tensor(batch, device=DEVICE)
         sync()
         start = time.perf_counter()
         hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -139,35 +155,35 @@ def measure_accelerate(hf, vocab, new_tokens: int, full: bool) -> dict:
 
 # ---- one model ------------------------------------------------------------------------------
 def run_model(name: str, fraction: float, args) -> dict:
-    loaded = load_model(name, 0, torch.float16, "cuda")
+    loaded = load_model(name, 0, DTYPE, DEVICE)
     model, vocab = loaded.model, loaded.model.args.vocab_size
     total = param_bytes(model)
     budget = int(total * fraction)
     check = prompts(vocab, 1, 64, 9)[0]
     row = {"model": name, "weights_bytes": total, "budget_bytes": budget}
-    engine = make_engine(loaded, "cuda")
+    engine = make_engine(loaded, args.kv_mb)
     resident_logits = prompt_logits(engine, check).cpu()
     del engine
-    depths = [0, 1, 2, 4] if args.quick else [0, 1, 2, 3, 4, 6]
+    depths = [0] + [int(d) for d in (args.sweep_depths or ("1,2,4" if args.quick else "1,2,3,4,6")).split(",")]
     chunks = [0, 64] if args.quick else [0, 16, 64, 256]
     k = plan_resident_layers(model, budget, max(depths))
     started = time.perf_counter()
-    model.streamer = streamer = LayerStreamer(model, k, args.depth, 0, "cuda", pin=True)
+    model.streamer = streamer = LayerStreamer(model, k, args.depth, 0, DEVICE, pin=CUDA)
     streamer.host.wait_pinned()
     row.update(resident_layers=k, streamed_layers=streamer.num_streamed, streamed_bytes=streamer.host.nbytes,
                resident_bytes=streamer.resident_bytes, setup_s=time.perf_counter() - started,
                pin_s=streamer.host.pin_seconds)
     gc.collect()
     torch.cuda.empty_cache()
-    engine = make_engine(loaded, "cuda")
+    engine = make_engine(loaded, args.kv_mb)
     engine.start()
     client, rows = LocalClient(engine), []
 
     def point(label, depth, chunk_mb, full):
-        streamer.set_ring(depth, int(chunk_mb * MiB), "cuda")
-        torch.cuda.reset_peak_memory_stats()
+        streamer.set_ring(depth, int(chunk_mb * MiB), DEVICE)
+        reset_peak()
         m = measure_engine(client, vocab, args.new_tokens, full)
-        m.update(system=label, depth=depth, chunk_mb=chunk_mb, peak_gpu_bytes=torch.cuda.max_memory_allocated(),
+        m.update(system=label, depth=depth, chunk_mb=chunk_mb, peak_gpu_bytes=peak(),
                  ring_bytes=streamer.ring.ring_bytes, copy_gb_per_s=streamer.ring.stats()["copy_gb_per_s"],
                  effective_gb_per_s=streamer.host.nbytes / m["decode_b1_step_s"] / 1e9)
         rows.append(m)
@@ -181,7 +197,7 @@ def run_model(name: str, fraction: float, args) -> dict:
         for chunk in chunks:
             if (depth, chunk) != (args.depth, 0):
                 point("sweep", depth, chunk, False)
-    streamer.set_ring(args.depth, 0, "cuda")
+    streamer.set_ring(args.depth, 0, DEVICE)
     streamed_logits = prompt_logits(engine, check).cpu()
     engine.stop()
     engine.join()
@@ -208,9 +224,9 @@ def accelerate_rows(model, k, streamer, vocab, args) -> list[dict]:
         if label.endswith("pageable host"):
             streamer.host.close()          # unregister: ordinary host memory, as Accelerate users have it
         hf = accelerate_model(model, k)
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak()
         m = measure_accelerate(hf, vocab, args.accelerate_tokens, full=not args.quick or label.endswith("pageable host"))
-        m.update(system=label, peak_gpu_bytes=torch.cuda.max_memory_allocated(),
+        m.update(system=label, peak_gpu_bytes=peak(),
                  effective_gb_per_s=streamer.host.nbytes / m["decode_b1_step_s"] / 1e9)
         out.append(m)
         print(f"  {label:<30}: {m['effective_gb_per_s']:6.1f} GB/s", flush=True)
@@ -289,12 +305,14 @@ def main(argv=None):
                    help="name=budget fraction of its weights, comma-separated")
     p.add_argument("--quick", action="store_true", help="fewer sweep points and tokens (~8 min on an H100)")
     p.add_argument("--depth", type=int, default=2, help="prefetch depth of the main Djinn row")
+    p.add_argument("--sweep-depths", help="prefetch depths to sweep (default 1,2,4 quick, else 1,2,3,4,6)")
+    p.add_argument("--kv-mb", type=float, default=3072.0, help="KV pool of each engine")
     p.add_argument("--out", default="experiments/results/exp2")
     args = p.parse_args(argv)
     args.new_tokens, args.accelerate_tokens = (6, 1) if args.quick else (16, 2)
     os.makedirs(args.out, exist_ok=True)
     results = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "quick": args.quick,
+               "device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__, "quick": args.quick,
                "pinned_h2d_gb_per_s": pinned_h2d() / 1e9, "models": []}
     for spec in args.models.split(","):
         name, fraction = spec.split("=")

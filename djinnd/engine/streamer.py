@@ -88,6 +88,8 @@ class LayerStreamer:
 
     def set_ring(self, depth: int, chunk_bytes: int, device):
         """A ring of depth + 1 slots (at most one per streamed layer); call between forwards only."""
+        if self.ring is not None and self.ring.copy_stream is not None:
+            self.ring.copy_stream.synchronize()      # prefetches still in flight write into the old ring
         self.ring = self.slot_params = None           # the old ring's memory goes first
         slots = min(depth + 1, self.num_streamed)
         self.ring = WeightRing(self.host.shapes, self.host.dtype, device, slots * self.host.layer_bytes, chunk_bytes)
