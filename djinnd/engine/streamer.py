@@ -70,11 +70,11 @@ def load_device(model_name: str, dtype, device) -> torch.device:
 
 class LayerStreamer:
     def __init__(self, model, num_resident: int, depth: int, chunk_bytes: int, device, pin: bool):
-        self.model, self.first, self.depth = model, num_resident, depth
+        self.model, self.first = model, num_resident
         self.num_streamed = model.args.num_layers - num_resident
         dtype, shapes = next(model.parameters()).dtype, streamed_shapes(model)
         self.modules = [[layer.get_submodule(n) for n in STREAMED] for layer in model.model.layers]
-        self.host = HostWeights(self.num_streamed, {n: shapes[n] for n in STREAMED}, dtype, pin)
+        self.host = HostWeights(self.num_streamed, shapes, dtype, pin)
         self._move(device)
         self.host_params = [self._params(t) for t in self.host.tensors]
         for i in range(self.first, model.args.num_layers):
