@@ -44,6 +44,9 @@ class MemoryConfig:
     prefetch_lead_ms: float = 20.0  # semantic: start the prefetch this long before the expected return
     pin_host_arena: bool = True   # page-lock the arena on CUDA (in chunks, in the background)
     timeline_period_ms: float = 100.0  # how often the memory timeline is sampled
+    weights_budget_mb: float = 0.0  # device memory for weights (resident + ring); 0: all resident
+    prefetch_depth: int = 2       # streamed layers copied ahead of the one computing (0: no prefetch)
+    stream_chunk_mb: float = 0.0  # streamed copies in pieces of at most this size (0: one per layer)
 
     def __post_init__(self):
         _require(self.kv_cache_mb > 0, "kv_cache_mb", "must be > 0")
@@ -52,6 +55,9 @@ class MemoryConfig:
         _require(self.host_arena_mb >= 0, "host_arena_mb", "must be >= 0")
         _require(self.prefetch_lead_ms >= 0, "prefetch_lead_ms", "must be >= 0")
         _require(self.timeline_period_ms > 0, "timeline_period_ms", "must be > 0")
+        _require(self.weights_budget_mb >= 0, "weights_budget_mb", "must be >= 0 (0: all weights resident)")
+        _require(self.prefetch_depth >= 0, "prefetch_depth", "must be >= 0")
+        _require(self.stream_chunk_mb >= 0, "stream_chunk_mb", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import signal
 import torch
 
 from djinnd.engine.engine import Engine
+from djinnd.engine.streamer import attach_streamer, load_device
 from djinnd.engine.status import memory_probe
 from djinnd.memory.block_pool import KVBlockPool
 from djinnd.memory.host_arena import HostArena, sweep_stale_segments
@@ -36,7 +37,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def build_engine(config) -> Engine:
     device = resolve_device(config.engine.device)
     dtype = resolve_dtype(config.model.dtype, device)
-    loaded = load_model(config.model.model, config.model.seed, dtype, device)
+    streaming = config.memory.weights_budget_mb > 0
+    where = load_device(config.model.model, dtype, device) if streaming else device
+    loaded = load_model(config.model.model, config.model.seed, dtype, where)
+    if attach_streamer(loaded.model, config.memory, device) is None and where != device:
+        loaded.model.to(device)       # it fits the budget after all
     loaded.flat_weights = pack_weights(loaded.model, config.model.export_weights)
     a = loaded.model.args
     pool = KVBlockPool(a.num_layers, a.num_kv_heads, a.head_dim, config.memory.block_size,

@@ -79,6 +79,14 @@ def format_swaps(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_streaming(w: dict) -> str:
+    rate = f"{w['copy_gb_per_s']:.1f} GB/s" if w["copy_gb_per_s"] else "-"
+    return (f"stream   {w['resident_bytes'] / MiB:,.1f} MiB resident ({w['resident_layers']} layers), "
+            f"{w['streamed_bytes'] / MiB:,.1f} MiB streamed ({w['streamed_layers']} layers); ring "
+            f"{w['ring_slots']} slots, {w['ring_bytes'] / MiB:,.1f} MiB, prefetch depth {w['prefetch_depth']}; "
+            f"{w['bytes_streamed'] / MiB:,.0f} MiB copied at {rate}, compute waited {w['compute_waits']} times")
+
+
 def format_status(r: dict) -> str:
     m, mem, q = r["model"], r["memory"], r["queue"]
     block_bytes = mem["kv_pool_bytes"] / max(mem["kv_blocks_total"], 1)
@@ -98,6 +106,8 @@ def format_status(r: dict) -> str:
         graphs = (f"CUDA graphs for batch {e['buckets'][0]}..{e['buckets'][-1]} ({len(e['buckets'])} buckets, captured "
                   f"in {e['capture_s']:.2f} s, {e['graph_pool_bytes'] / MiB:,.0f} MiB)" if e["cuda_graphs"] else "eager")
         lines.append(f"decode   {graphs}, {e['attention']} attention")
+    if r.get("weight_streaming"):
+        lines.append(format_streaming(r["weight_streaming"]))
     if "device_allocated_bytes" in mem:
         lines.append(f"vram     {mem['device_allocated_bytes'] / MiB:,.0f} MiB allocated, "
                      f"{mem['device_reserved_bytes'] / MiB:,.0f} reserved, {mem['device_total_bytes'] / MiB:,.0f} total")

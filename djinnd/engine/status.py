@@ -22,6 +22,7 @@ def engine_status(engine) -> dict:
             "host_arena_segment": arena.name, "host_arena_pin_s": arena.pin_seconds,
             **_device_memory(engine.device),
         },
+        "weight_streaming": model.streamer.status() if model.streamer is not None else None,
         "sessions": [_session_row(s) for s in engine.sessions.values()],
         "queue": {"waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
                   "swaps_in_flight": len(engine.pager.swapper.in_flight)},

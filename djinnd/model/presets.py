@@ -14,6 +14,9 @@ PRESETS = {
     "llama-2-13b": ModelArgs(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
                              num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128,
                              max_position_embeddings=4096),
+    "llama-2-34b": ModelArgs(vocab_size=32000, hidden_size=8192, intermediate_size=22016,   # CodeLlama-34B shapes
+                             num_layers=48, num_heads=64, num_kv_heads=8, head_dim=128,
+                             max_position_embeddings=4096),
 }
 
 
@@ -23,7 +26,7 @@ def build_random(name: str, seed: int, dtype, device) -> LlamaForCausalLM:
         raise ValueError(f"unknown random preset {name!r}; known: {sorted(PRESETS)}")
     with torch.device("meta"):
         model = LlamaForCausalLM(PRESETS[name])
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)     # allocate in dtype: 34B in float32 would not fit
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
