@@ -65,13 +65,15 @@ def test_decode_logits_within_fp16_tolerance_of_hf():
     client = LocalClient(engine)
     prompt = random_prompts(32000, [200], seed=5)[0]
     done, _ = client.done(client.submit(client.open(), prompt, 16))
-    ours = engine.runner.decoder.logits[0].clone()      # the last decode step's logits (batch of one)
+    # The last decode step's logits (batch of one). Decode is pipelined, so the last step launched is
+    # the one past the request's end: it fed the final token, and its logits follow the whole sequence.
+    ours = engine.runner.decoder.logits[0].clone()
     engine.stop()
     engine.join()
     from experiments.bench_decode import hf_model
     hf = hf_model(engine.loaded.model)
     with torch.no_grad():
-        ids = torch.tensor([prompt + done.tokens[:-1]], device="cuda")
+        ids = torch.tensor([prompt + done.tokens], device="cuda")
         theirs = hf(ids).logits[0, -1].float()
     err = (ours - theirs).norm() / theirs.norm()
     assert err < 2e-2, err
