@@ -1,18 +1,22 @@
 """Weight streaming on CPU: a weight budget smaller than the model streams its layers through the
 ring (plain copies), and every forward gives exactly what a resident model gives: alone, batched,
 paged and paused at breakpoints."""
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
 import libdjinn
 from conftest import ROOT, hf_greedy, hf_reference, random_prompts, start_daemon, stop_daemon
+from djinnd import daemon
 from djinnd.config import load_config
 from djinnd.daemon import build_engine
 from djinnd.engine.local import LocalClient
+from djinnd.engine.streamer import STREAMED
 from djinnd.model.presets import build_random
 from test_daemon import TINY_VOCAB, spawn_agent
 from test_paging import agent_jobs
@@ -75,6 +79,24 @@ def test_a_budget_that_cannot_hold_the_ring_is_refused_naming_the_key():
     engine, _ = in_process(weights_budget_mb=64.0)           # the whole model fits: nothing streams
     engine.stop()
     assert engine.loaded.model.streamer is None
+
+
+def test_streamed_layers_original_weights_are_freed_after_setup(monkeypatch):
+    """The loaded tensors of streamed layers are freed once copied to host memory, not kept alive twice."""
+    load_model, originals = daemon.load_model, {}
+
+    def load_and_watch(*args):
+        loaded = load_model(*args)
+        originals.update((name, weakref.ref(p)) for name, p in loaded.model.named_parameters())
+        return loaded
+    monkeypatch.setattr(daemon, "load_model", load_and_watch)
+    engine = build_engine(load_config(None, {"model": "random:tiny", "device": "cpu", "kv_cache_mb": 1.0,
+                                             "weights_budget_mb": float(BUDGET_MB), "prefetch_depth": 1}))
+    streamer = engine.loaded.model.streamer
+    gc.collect()
+    streamed = [f"model.layers.{i}.{m}.weight" for i in range(streamer.first, 4) for m in STREAMED]
+    assert len(streamed) == 12 and set(streamed) <= set(originals)      # layers 1-3 stream
+    assert [name for name in streamed if originals[name]() is not None] == []
 
 
 def streamed(tmp_path, policy: str):

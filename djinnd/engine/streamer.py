@@ -98,6 +98,7 @@ class LayerStreamer:
         self.next_slot = 0
 
     # ---- set-up ------------------------------------------------------------------------------
+    @torch.no_grad()      # loaded parameters require grad: a recorded copy's graph would keep every original alive
     def _move(self, device):
         """Streamed matrices into host memory; everything else onto the device (ties kept)."""
         moved = {}

@@ -95,7 +95,7 @@ def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"{path}: weights missing for {missing[:3]}")
-    return model.eval()
+    return model.eval().requires_grad_(False)   # never trained: no autograd history on weight copies
 
 
 def load_model(name: str, seed: int, dtype, device) -> LoadedModel:

@@ -36,4 +36,4 @@ def build_random(name: str, seed: int, dtype, device) -> LlamaForCausalLM:
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
                         .mul_(p.shape[-1] ** -0.5).to(dtype))
     model.tie_weights()
-    return model.eval()
+    return model.eval().requires_grad_(False)   # never trained: no autograd history on weight copies
