@@ -14,7 +14,7 @@ class SwapRecord:
     direction: str      # "out" (device -> host) or "in" (host -> device)
     bytes: int
     ms: float
-    cause: str          # "signal", "prefetch", "pressure", "restore"
+    cause: str          # out: "pressure", "lazy", "prefetch_room"; in: "prefetch", "active", "restore"
 
     @property
     def gb_per_s(self) -> float:
