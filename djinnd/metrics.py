@@ -35,6 +35,7 @@ class Metrics:
     def record_swap(self, r: SwapRecord):
         self.swaps.append(r)
         self.inc(f"swaps_{r.direction}")
+        self.inc(f"swaps_{r.direction}_{r.cause}")
         self.inc(f"swap_bytes_{r.direction}", r.bytes)
 
     def observe_ms(self, name: str, ms: float):

@@ -11,6 +11,7 @@ recompute  like lru, but drop the KV and prefill the history again on the next r
 none       no virtualization: work that cannot fit is refused with an error naming the shortfall
 """
 import math
+import time
 from collections import OrderedDict, deque
 
 from djinnd.session import KVPlace, Phase, Session, SessionState
@@ -46,11 +47,19 @@ def eviction_order(policy: str, sessions, exclude: Session | None = None) -> lis
     candidates = [s for s in sessions if evictable(s) and s is not exclude
                   and not (policy == "recompute" and s.state is SessionState.PAUSED)]  # mid-forward KV cannot be rebuilt
     queued = lambda s: s.state is SessionState.WAITING  # noqa: E731
-    if policy == "semantic":   # in a tool call, latest return first; then idle by recency
-        in_tool = lambda s: s.phase is Phase.IO_WAIT  # noqa: E731
-        return sorted(candidates, key=lambda s: (queued(s), not in_tool(s),
-                                                 -returns_at(s) if in_tool(s) else s.last_used))
+    if policy == "semantic":
+        return sorted(candidates, key=lambda s: (queued(s), *semantic_rank(s, time.monotonic())))
     return sorted(candidates, key=lambda s: (queued(s), s.last_used))
+
+
+def semantic_rank(s: Session, now: float) -> tuple:
+    """In a tool call, latest return first; then idle sessions by LRU; last, those whose prefetch is
+    due: they are back within the prefetch lead, as good as active."""
+    if s.phase is not Phase.IO_WAIT:
+        return (1, s.last_used)
+    if s.prefetch_at is not None and s.prefetch_at <= now:
+        return (2, s.prefetch_at)
+    return (0, -returns_at(s))
 
 
 def take_until(ordered: list[Session], num_blocks: int) -> list[Session]:
