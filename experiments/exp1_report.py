@@ -86,14 +86,15 @@ def exp3_row(label: str, results: list[dict], status: dict, timeline: list[dict]
 
 
 def print_exp3(result: dict):
-    w, n = result["workload"], result["sessions"]
+    w, n, p = result["workload"], result["sessions"], result["pressured"]
     print(f"\nExperiment 3: {n} sessions of {w['agent_tokens']} tokens, {result['args']['model']} on "
-          f"{result['args']['device']}; all KV {w['total_kv_bytes'] / GiB:.2f} GiB")
-    print(f"{'run':<12} {'done':>5} {'pool GiB':>8} {'weights GiB':>11} {'peak KV GiB':>11} {'at budget':>9} "
-          f"{'host peak GiB':>13} {'device peak GiB':>15} {'paused mean':>11} {'max':>4} {'swaps out/in':>12}")
+          f"{result['args']['device']}; budget weights + KV pool = {(p['weights_bytes'] + p['kv_pool_bytes']) / MiB:,.1f} "
+          f"MiB < weights + all KV = {(p['weights_bytes'] + w['total_kv_bytes']) / MiB:,.1f} MiB")
+    print(f"{'run':<12} {'done':>5} {'pool MiB':>10} {'peak KV MiB':>11} {'at budget':>9} {'host peak MiB':>13} "
+          f"{'device peak MiB':>15} {'paused mean':>11} {'max':>4} {'swaps out/in':>12}")
     for r in (result["pressured"], result["unpressured"]):
-        print(f"{r['label']:<12} {r['finished']:>5} {r['kv_pool_bytes'] / GiB:>8.2f} {r['weights_bytes'] / GiB:>11.2f} "
-              f"{r['kv_pool_peak_bytes'] / GiB:>11.2f} {r['samples_at_budget']:>9} "
-              f"{r['host_arena_peak_bytes'] / GiB:>13.2f} {r['device_allocated_peak_bytes'] / GiB:>15.2f} "
-              f"{r['paused_fraction_mean']:>11.2f} {r['paused_max']:>4} {r['swaps_out']:>6}/{r['swaps_in']:<5}")
+        print(f"{r['label']:<12} {r['finished']:>5} {r['kv_pool_bytes'] / MiB:>10,.1f} {r['kv_pool_peak_bytes'] / MiB:>11,.1f} "
+              f"{r['samples_at_budget']:>9} {r['host_arena_peak_bytes'] / MiB:>13,.1f} "
+              f"{r['device_allocated_peak_bytes'] / MiB:>15,.1f} {r['paused_fraction_mean']:>11.2f} {r['paused_max']:>4} "
+              f"{r['swaps_out']:>6}/{r['swaps_in']:<5}")
     print(f"sessions whose tokens equal the unpressured run: {result['sessions_with_equal_tokens']}/{n}")

@@ -88,7 +88,7 @@ def run_exp3(a) -> dict:
               for i in range(n)]
     pressured = exp3_once(a, shape, agents, shape["kv_cache_mb"], "pressured")
     free = exp3_once(a, shape, agents, 1.1 * shape["total_kv_bytes"] / MiB + 1, "unpressured")
-    same = [p.get("tokens") == f.get("tokens") and "tokens" in p for p, f in zip(pressured["agents"], free["agents"])]
+    same = [p is not None and p == f for p, f in zip(pressured["tokens"], free["tokens"])]
     return {"experiment": 3, "args": vars(a), "workload": shape, "pressured": pressured, "unpressured": free,
             "sessions_with_equal_tokens": sum(same), "sessions": n}
 
