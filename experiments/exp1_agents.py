@@ -26,7 +26,7 @@ from experiments import exp1_report as report  # noqa: E402
 from experiments.exp1_run import run_exp3, run_hf, run_policy, workload  # noqa: E402
 from experiments.harness import ROOT, stamp  # noqa: E402
 
-QUICK = {"model": "random:llama-2-7b", "time_scale": 0.2, "sweep": "16,32", "turns": 3,
+QUICK = {"model": "random:llama-2-7b", "time_scale": 0.15, "sweep": "12,24", "turns": 3,
          "policies": "semantic,lru,recompute,none"}
 
 

@@ -26,7 +26,8 @@ def row(policy: str, n: int, started: float, results: list[dict], status, swaps,
            "swap_bytes_out": c.get("swap_bytes_out", 0), "swap_bytes_in": c.get("swap_bytes_in", 0),
            "swaps_by_cause": {k[6:]: v for k, v in c.items() if k.startswith(("swaps_in_", "swaps_out_"))},
            "reactive_restores": c.get("swaps_in_restore", 0), "prefills_again": lat.get("ttft_dropped", {}).get("count", 0),
-           "ttft_by_path": {k[5:]: v.get("p50") for k, v in lat.items() if k.startswith("ttft_")},
+           "ttft_by_path": {k[5:]: {q: v.get(q) for q in ("count", "p50", "p99")}    # daemon-side, by how
+                            for k, v in lat.items() if k.startswith("ttft_")},          # the KV was found
            "kv_pool_bytes": (status or {}).get("memory", {}).get("kv_pool_bytes"),
            "tokens": [[t["tokens"] for t in r["turns"]] if "turns" in r else None for r in results]}
     out["meets_slo"] = out["refused"] == 0 and resumed["count"] > 0 and resumed["p99"] <= slo_ms
@@ -66,6 +67,10 @@ def print_exp1(result: dict):
               f"{fmt(r['queue_wait_ms']['p99']):>7} {r['swap_bytes_out'] / MiB:>8.1f} {r['swap_bytes_in'] / MiB:>8.1f} "
               f"{r['reactive_restores'] + r['prefills_again']:>8} {str(r.get('tokens_match', '-')):>8} "
               f"{'yes' if r['meets_slo'] else 'no':>4}")
+    for r in result["rows"]:
+        if r["policy"] == "hf-per-agent":
+            print(f"HF transformers, one process per agent, N={r['agents']}: {r['finished']} ran, "
+                  f"{r['errors'].get('oom', 0)} out of device memory")
     print("largest N meeting the SLO: " + ", ".join(f"{p} {n}" for p, n in result["largest_n_meeting_slo"].items()))
 
 

@@ -24,9 +24,9 @@ def workload(a, n: int) -> dict:
     per_token = 2 * preset.num_layers * preset.num_kv_heads * preset.head_dim * elem
     agent_tokens = a.context + (a.turns - 1) * a.growth + a.turns * a.new_tokens
     total = n * agent_tokens * per_token
-    pool_mb = a.kv_cache_mb or total / a.oversubscribe / MiB
+    pool_mb = a.kv_cache_mb or max(total / a.oversubscribe, 2.2 * agent_tokens * per_token) / MiB  # 2 agents at least
     return {"kv_bytes_per_token": per_token, "agent_tokens": agent_tokens, "total_kv_bytes": total,
-            "kv_cache_mb": pool_mb, "host_arena_mb": 1.25 * total / MiB + 16, "vocab": preset.vocab_size,
+            "kv_cache_mb": pool_mb, "host_arena_mb": 1.25 * max(0.0, total / MiB - pool_mb) + 16, "vocab": preset.vocab_size,
             "layers": preset.num_layers, "preset": a.model.split(":", 1)[1]}
 
 
@@ -39,10 +39,11 @@ def daemon_flags(a, shape: dict, policy: str, kv_cache_mb: float) -> list[str]:
 def spawn_at(script: str, args_of, agents: list[dict]) -> list[dict]:
     """Start each agent process at its arrival time; wait for all; their JSON results in order."""
     procs, t0 = [], time.monotonic()
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, (ROOT, os.environ.get("PYTHONPATH"))))}
     for job in agents:
         time.sleep(max(0.0, t0 + job["arrive_s"] - time.monotonic()))
         procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, script), *args_of(job)],
-                                      stdout=subprocess.PIPE, text=True, cwd=ROOT))
+                                      stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env))
     return [parse(p.communicate()[0]) for p in procs]
 
 

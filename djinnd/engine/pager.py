@@ -54,12 +54,14 @@ class Pager:
         if not policies.prefetches(self.policy):
             return None
         now, soonest = time.monotonic(), None
-        for s in list(self.sessions.values()):
-            if s.prefetch_at is None or s.kv is not KVPlace.HOST or s.state is not SessionState.IDLE:
-                continue
-            wait = s.prefetch_at - now if s.prefetch_at > now else (0.0 if self.prefetch(s, "prefetch") else RETRY_S)
-            if wait > 0:
-                soonest = min(soonest or wait, wait)
+        for s in sorted((s for s in self.sessions.values() if s.prefetch_at is not None and s.kv is KVPlace.HOST
+                         and s.state is SessionState.IDLE), key=lambda s: s.prefetch_at):
+            if s.prefetch_at > now:
+                soonest = s.prefetch_at - now
+                break
+            if not self.prefetch(s, "prefetch"):
+                soonest = RETRY_S   # the ones due later could only take from sessions due later still
+                break
         self._evict_lazily(now)
         return soonest
 
