@@ -102,17 +102,18 @@ def test_a_burst_of_agents_all_finish_without_hints_and_none_waits_long(tmp_path
 
 def test_a_session_without_hints_is_prefetched_once_the_daemon_has_seen_two_of_its_tool_calls(tmp_path):
     daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.125",   # 8 blocks
-                          "--prefetch-lead-ms", "150")
+                          "--prefetch-lead-ms", "300")
     try:
         with libdjinn.connect(daemon.socket) as djinn:
             s = djinn.session()
             s.generate(prompt_ids=random_prompts(TINY_VOCAB, [40], seed=3)[0], max_new_tokens=4, ignore_eos=True)
             for i in range(3):
                 with s.tool_call():                    # no expected_s: the daemon learns this session's
+                    called = time.monotonic()
                     filler = djinn.session()           # someone else needs the room meanwhile
                     filler.generate(prompt_ids=random_prompts(TINY_VOCAB, [80], seed=i)[0], max_new_tokens=10)
                     filler.close()
-                    time.sleep(0.6)
+                    time.sleep(max(0.0, called + 1.2 - time.monotonic()))     # every call takes 1.2 s
                 s.generate(prompt_ids=[5], max_new_tokens=4, ignore_eos=True)
             swaps, status = djinn.request("swaps"), djinn.status()
             with pytest.raises(libdjinn.BadRequest, match="expected_s"):

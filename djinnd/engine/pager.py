@@ -11,6 +11,7 @@ from djinnd.memory import policies
 from djinnd.session import KVPlace, Phase, Session, SessionState
 
 RETRY_S = 0.005     # a prefetch that found no room tries again this soon
+FIRST_GUESS_BYTES_PER_S = 10e9   # copy-in speed until the first swap-in is measured
 
 
 class Pager:
@@ -21,6 +22,7 @@ class Pager:
         self.low_water_blocks = int(low_water * pool.num_blocks)
         self.durations = policies.ToolDurations(learned_quantile)
         self.metrics = swapper.metrics
+        self.in_bytes_per_s = FIRST_GUESS_BYTES_PER_S     # measured swap-ins, smoothed
         self.sessions: dict[int, Session] = {}
 
     # ---- signals ----------------------------------------------------------------------------
@@ -41,7 +43,11 @@ class Pager:
             self.metrics.inc("tool_durations_estimated")
         s.io_wait_since, s.tool = now, tool
         s.expected_back = None if estimate is None else now + estimate
-        s.prefetch_at = None if estimate is None else now + max(0.0, estimate - self.prefetch_lead_s)
+        s.prefetch_at = None if estimate is None else now + max(0.0, estimate - self._lead_s(s))
+
+    def _lead_s(self, s: Session) -> float:
+        """How long before the return a prefetch starts: the configured lead plus the copy itself."""
+        return self.prefetch_lead_s + self.pool.blocks_for(len(s.tokens)) * self.pool.block_bytes / self.in_bytes_per_s
 
     def _leave_tool(self, s: Session, now: float):
         if s.io_wait_since is not None:
@@ -144,6 +150,8 @@ class Pager:
     # ---- bookkeeping -------------------------------------------------------------------------
     def poll(self):
         for t in self.swapper.poll():
+            if t.direction == "in" and t.ms:
+                self.in_bytes_per_s = 0.8 * self.in_bytes_per_s + 0.2 * t.nbytes / (t.ms / 1e3)
             self.pool.free(t.free_device)
             self.arena.free(t.free_host)
             s = self.sessions.get(t.session)
