@@ -63,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exp3", action="store_true", help="Experiment 3 instead: sessions paused at breakpoints")
     p.add_argument("--exp3-sessions", type=int, default=50)
     p.add_argument("--exp3-pause-s", type=float, default=2.0, help="held at the breakpoint, then as long idle")
+    p.add_argument("--exp3-context", type=int, default=512,
+                   help="first prompt of each session (so the unpressured run fits beside 13B weights)")
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK}")
     p.add_argument("--out", default="", help="JSON path (default experiments/results/exp1_<device>_<date>.json)")
     a = p.parse_args(argv)

@@ -81,7 +81,7 @@ def run_hf(a, shape: dict, agents: list[dict]) -> dict:
 def run_exp3(a) -> dict:
     """N sessions paused at breakpoints half the time, KV + weights over the budget, then the same
     sessions on a pool that holds them all: the tokens must be equal."""
-    n = a.exp3_sessions
+    n, a.context = a.exp3_sessions, a.exp3_context
     shape = workload(a, n)
     agents = [{"seed": a.seed * 100003 + i, "context": a.context, "growth": a.growth, "new_tokens": a.new_tokens,
                "rounds": a.turns, "pause_s": a.exp3_pause_s, "idle_s": a.exp3_pause_s,

@@ -125,3 +125,13 @@ def test_a_session_without_hints_is_prefetched_once_the_daemon_has_seen_two_of_i
     mine = [(w["direction"], w["cause"]) for w in swaps["recent"] if w["session"] == s.id]
     assert mine == [("out", "pressure"), ("in", "active")] * 2 + [("out", "pressure"), ("in", "prefetch")]
     assert status["counters"]["tool_durations_estimated"] == 1
+
+
+def test_exp3_sessions_paused_at_breakpoints_under_pressure_keep_their_tokens(tmp_path):
+    result = exp1_agents.main(["--exp3", "--exp3-sessions", "6", "--exp3-pause-s", "0.5", "--exp3-context", "64",
+                               "--model", "random:tiny", "--device", "cpu", "--growth", "16", "--new-tokens", "8",
+                               "--turns", "2", "--out", str(tmp_path / "exp3.json")])
+    pressured = result["pressured"]
+    assert pressured["finished"] == 6 and result["sessions_with_equal_tokens"] == 6, pressured["errors"]
+    assert pressured["kv_pool_peak_bytes"] <= pressured["kv_pool_bytes"] < result["workload"]["total_kv_bytes"]
+    assert pressured["swaps_out"] > 0 and pressured["paused_max"] >= 2
