@@ -59,5 +59,7 @@ def timed_turn(model, cache, prompt: list[int], new_tokens: int, device: str):
 if __name__ == "__main__":
     try:
         print(json.dumps(run(json.loads(sys.argv[1]))))
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError) as e:   # a CUDA context that cannot be made is OOM too
+        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+            raise
         print(json.dumps({"oom": True, "message": str(e)[:200]}))

@@ -26,7 +26,8 @@ def workload(a, n: int) -> dict:
     total = n * agent_tokens * per_token
     pool_mb = a.kv_cache_mb or max(total / a.oversubscribe, 2.2 * agent_tokens * per_token) / MiB  # 2 agents at least
     return {"kv_bytes_per_token": per_token, "agent_tokens": agent_tokens, "total_kv_bytes": total,
-            "kv_cache_mb": pool_mb, "host_arena_mb": 1.25 * max(0.0, total / MiB - pool_mb) + 16, "vocab": preset.vocab_size,
+            "kv_cache_mb": pool_mb, "host_arena_mb": 1.1 * max(0.0, total / MiB - pool_mb) + 16,   # what is swapped
+            "vocab": preset.vocab_size,
             "layers": preset.num_layers, "preset": a.model.split(":", 1)[1]}
 
 
