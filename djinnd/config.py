@@ -42,6 +42,8 @@ class MemoryConfig:
     policy: str = "semantic"      # semantic, lru, recompute or none
     host_arena_mb: float = 1024.0  # pinned host shared memory for swapped-out KV
     prefetch_lead_ms: float = 20.0  # semantic: start the prefetch this long before the expected return
+    evict_low_water: float = 0.1  # semantic: below this fraction of free KV blocks, IO_WAIT sessions leave in the background
+    learned_quantile: float = 0.2  # semantic, no expected_s: prefetch at this quantile of the tool's past durations
     pin_host_arena: bool = True   # page-lock the arena on CUDA (in chunks, in the background)
     timeline_period_ms: float = 100.0  # how often the memory timeline is sampled
     weights_budget_mb: float = 0.0  # device memory for weights (resident + ring); 0: all resident
@@ -54,6 +56,8 @@ class MemoryConfig:
         _require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
         _require(self.host_arena_mb >= 0, "host_arena_mb", "must be >= 0")
         _require(self.prefetch_lead_ms >= 0, "prefetch_lead_ms", "must be >= 0")
+        _require(0 <= self.evict_low_water <= 1, "evict_low_water", "must be in [0, 1]")
+        _require(0 <= self.learned_quantile <= 1, "learned_quantile", "must be in [0, 1]")
         _require(self.timeline_period_ms > 0, "timeline_period_ms", "must be > 0")
         _require(self.weights_budget_mb >= 0, "weights_budget_mb", "must be >= 0 (0: all weights resident)")
         _require(self.prefetch_depth >= 0, "prefetch_depth", "must be >= 0")

@@ -14,7 +14,7 @@ class SwapRecord:
     direction: str      # "out" (device -> host) or "in" (host -> device)
     bytes: int
     ms: float
-    cause: str          # "signal", "prefetch", "pressure", "restore"
+    cause: str          # out: "pressure", "lazy", "prefetch_room"; in: "prefetch", "active", "restore"
 
     @property
     def gb_per_s(self) -> float:
@@ -35,6 +35,7 @@ class Metrics:
     def record_swap(self, r: SwapRecord):
         self.swaps.append(r)
         self.inc(f"swaps_{r.direction}")
+        self.inc(f"swaps_{r.direction}_{r.cause}")
         self.inc(f"swap_bytes_{r.direction}", r.bytes)
 
     def observe_ms(self, name: str, ms: float):

@@ -75,7 +75,10 @@ class Session:
     kv: KVPlace = KVPlace.DEVICE
     host_runs: list = field(default_factory=list)   # (start, length) runs in the host arena
     last_used: float = field(default_factory=time.monotonic)
-    prefetch_at: float | None = None                # semantic: when the tool is expected back
+    prefetch_at: float | None = None                # semantic: when to bring the KV back (monotonic s)
+    expected_back: float | None = None              # IO_WAIT: when the tool is expected back (monotonic s)
+    io_wait_since: float | None = None              # IO_WAIT: when the tool call began (to learn durations)
+    tool: str | None = None                         # IO_WAIT: the tool's name, if the agent gave one
     transfers: list = field(default_factory=list)   # copies in flight that touch this session's KV
     prefetched: bool = False                        # KV came back by prefetch since the last request
     paused: object = None                           # the held forward while PAUSED (engine/breakpoints.py)

@@ -191,14 +191,16 @@ class Session:
                                  for layer in breakpoints]
         return Trace(self, fields)
 
-    def signal_phase(self, phase: str, expected_s: float | None = None):
-        """Tell the daemon what the agent is doing: "ACTIVE" or "IO_WAIT" (in a tool call)."""
-        self.conn.request("set_phase", session=self.id, phase=phase, expected_s=expected_s)
+    def signal_phase(self, phase: str, expected_s: float | None = None, tool: str | None = None):
+        """Tell the daemon what the agent is doing: "ACTIVE" or "IO_WAIT" (in a tool call, expected to
+        take expected_s seconds; without it the daemon learns the durations of `tool` or of this session)."""
+        named = {"tool": tool} if tool is not None else {}
+        self.conn.request("set_phase", session=self.id, phase=phase, expected_s=expected_s, **named)
 
     @contextlib.contextmanager
-    def tool_call(self, expected_s: float | None = None):
+    def tool_call(self, expected_s: float | None = None, tool: str | None = None):
         """IO_WAIT for the duration of the block, ACTIVE after it."""
-        self.signal_phase("IO_WAIT", expected_s)
+        self.signal_phase("IO_WAIT", expected_s, tool)
         try:
             yield
         finally:

@@ -45,7 +45,8 @@ REQUESTS = {
     "hello": {"version": (_INT, True), "pid": (_INT, False)},
     "open_session": {},
     "close_session": {"session": (_INT, True)},
-    "set_phase": {"session": (_INT, True), "phase": ((str,), True), "expected_s": (_NUM, False)},
+    "set_phase": {"session": (_INT, True), "phase": ((str,), True), "expected_s": (_NUM, False),
+                  "tool": ((str,), False)},
     "generate": {
         "session": (_INT, True),
         "prompt": ((str,), False),

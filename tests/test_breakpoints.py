@@ -98,16 +98,21 @@ def test_resume_with_the_wrong_shape_is_refused_and_stays_paused(tiny_daemon):
     assert trace.result.tokens == plain
 
 
-def test_paused_session_can_be_paged_and_still_resumes_exactly(tiny_daemon):
-    with libdjinn.connect(tiny_daemon.socket) as djinn:
-        s = djinn.session()
-        plain = djinn.session().generate(prompt_ids=list(range(3, 40)), max_new_tokens=5, ignore_eos=True).tokens
-        trace = s.trace(prompt_ids=list(range(3, 40)), max_new_tokens=5, ignore_eos=True, breakpoints=[2])
-        for bp in trace:
-            s.signal_phase("IO_WAIT")
-            row = next(r for r in djinn.status()["sessions"] if r["id"] == s.id)
-            assert (row["state"], row["kv_where"]) == ("paused", "host")
-    assert trace.result.tokens == plain
+def test_paused_session_can_be_paged_and_still_resumes_exactly(tmp_path):
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.125")    # 8 blocks
+    try:
+        with libdjinn.connect(daemon.socket) as djinn:
+            s = djinn.session()
+            plain = djinn.session().generate(prompt_ids=list(range(3, 40)), max_new_tokens=5, ignore_eos=True).tokens
+            trace = s.trace(prompt_ids=list(range(3, 40)), max_new_tokens=5, ignore_eos=True, breakpoints=[2])
+            for bp in trace:
+                s.signal_phase("IO_WAIT")
+                djinn.session().generate(prompt_ids=list(range(3, 83)), max_new_tokens=10)   # wants its room
+                row = next(r for r in djinn.status()["sessions"] if r["id"] == s.id)
+                assert (row["state"], row["kv_where"]) == ("paused", "host")
+        assert trace.result.tokens == plain
+    finally:
+        stop_daemon(daemon)
 
 
 AGENT = """

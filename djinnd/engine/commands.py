@@ -43,6 +43,7 @@ class SetPhase:
     phase: str
     expected_s: float | None
     reply: Reply
+    tool: str | None = None       # the tool's name: durations are learned per tool
 
 
 @dataclass

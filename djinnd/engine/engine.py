@@ -39,7 +39,8 @@ class Engine:
         self.runner = Runner(loaded.model, pool, device, e.max_num_seqs, self.max_model_len, e.attention, e.cuda_graphs)
         self.runner.decoder.capture()
         self.pager = Pager(config.memory.policy, pool, arena, Swapper(pool, arena, device, self.metrics),
-                           config.memory.prefetch_lead_ms / 1e3)
+                           config.memory.prefetch_lead_ms / 1e3, config.memory.evict_low_water,
+                           config.memory.learned_quantile)
         self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens)
@@ -150,7 +151,11 @@ class Engine:
             phase = Phase(c.phase)
         except ValueError:
             raise EngineError(ErrorCode.BAD_REQUEST, f"unknown phase {c.phase!r}; use ACTIVE or IO_WAIT")
-        self.pager.on_phase(s, phase, c.expected_s)
+        if c.expected_s is not None and not 0 <= c.expected_s < float("inf"):
+            raise EngineError(ErrorCode.BAD_REQUEST, f"expected_s must be a finite number >= 0, got {c.expected_s}")
+        if c.tool is not None and not 0 < len(c.tool) <= 128:
+            raise EngineError(ErrorCode.BAD_REQUEST, f"tool must be a name of 1 to 128 characters, got {len(c.tool)}")
+        self.pager.on_phase(s, phase, c.expected_s, c.tool)
         c.reply(cmd.Result({"session": s.id, "phase": s.phase.value}))
 
     def _generate(self, c: cmd.Generate):

@@ -1,47 +1,81 @@
 """Pager: moves sessions' KV between the device pool and the host arena as the policy says.
 
-Called by the engine on phase signals and timers, and by the scheduler when admission needs
-room or a swapped session needs its KV back. Blocks a copy still reads or writes are freed
-only when the swapper reports the copy finished.
+Called by the engine on phase signals and between steps (`tick`: prefetches that are due, lazy
+eviction under the low-water mark), and by the scheduler when admission needs room or a swapped
+session needs its KV back. Blocks a copy still reads or writes are freed only when the swapper
+reports the copy finished.
 """
 import time
 
 from djinnd.memory import policies
 from djinnd.session import KVPlace, Phase, Session, SessionState
 
+RETRY_S = 0.005     # a prefetch that found no room tries again this soon
+FIRST_GUESS_BYTES_PER_S = 10e9   # copy-in speed until the first swap-in is measured
+
 
 class Pager:
-    def __init__(self, policy: str, pool, arena, swapper, prefetch_lead_s: float):
+    def __init__(self, policy: str, pool, arena, swapper, prefetch_lead_s: float, low_water: float = 0.1,
+                 learned_quantile: float = 0.2):
         self.policy, self.pool, self.arena, self.swapper = policy, pool, arena, swapper
         self.prefetch_lead_s = prefetch_lead_s
+        self.low_water_blocks = int(low_water * pool.num_blocks)
+        self.durations = policies.ToolDurations(learned_quantile)
+        self.metrics = swapper.metrics
+        self.in_bytes_per_s = FIRST_GUESS_BYTES_PER_S     # measured swap-ins, smoothed
         self.sessions: dict[int, Session] = {}
 
     # ---- signals ----------------------------------------------------------------------------
-    def on_phase(self, s: Session, phase: Phase, expected_s: float | None):
-        s.phase = phase
-        s.prefetch_at = None
-        if not policies.evicts_on_signal(self.policy):
-            return
+    def on_phase(self, s: Session, phase: Phase, expected_s: float | None, tool: str | None = None):
+        now = time.monotonic()
         if phase is Phase.IO_WAIT:
-            if policies.evictable(s):
-                self.evict(s, "signal")
-            if expected_s is not None:
-                s.prefetch_at = time.monotonic() + max(0.0, expected_s - self.prefetch_lead_s)
+            self._enter_tool(s, now, expected_s, tool)
         else:
-            self.prefetch(s)
+            self._leave_tool(s, now)
+        s.phase = phase
+        if phase is Phase.ACTIVE and policies.prefetches(self.policy):
+            self.prefetch(s, "active", due=now)
+
+    def _enter_tool(self, s: Session, now: float, expected_s: float | None, tool: str | None):
+        """The KV stays put: it leaves only when its room is wanted (see make_room, tick)."""
+        estimate = expected_s if expected_s is not None else self.durations.estimate(s.id, tool)
+        if expected_s is None and estimate is not None:
+            self.metrics.inc("tool_durations_estimated")
+        s.io_wait_since, s.tool = now, tool
+        s.expected_back = None if estimate is None else now + estimate
+        s.prefetch_at = None if estimate is None else now + max(0.0, estimate - self._lead_s(s))
+
+    def _lead_s(self, s: Session) -> float:
+        """How long before the return a prefetch starts: the configured lead plus the copy itself."""
+        return self.prefetch_lead_s + self.pool.blocks_for(len(s.tokens)) * self.pool.block_bytes / self.in_bytes_per_s
+
+    def _leave_tool(self, s: Session, now: float):
+        if s.io_wait_since is not None:
+            self.durations.observe(s.id, s.tool, now - s.io_wait_since)
+        s.io_wait_since = s.expected_back = s.prefetch_at = s.tool = None
 
     def tick(self) -> float | None:
-        """Start prefetches whose time has come; seconds until the next one, if any."""
+        """Background work between steps, never a wait: start the prefetches that are due and keep
+        free blocks above the low-water mark. Returns seconds until the next prefetch is due."""
+        if not policies.prefetches(self.policy):
+            return None
         now, soonest = time.monotonic(), None
-        for s in self.sessions.values():
-            if s.prefetch_at is None:
-                continue
-            if s.prefetch_at <= now:
-                s.prefetch_at = None
-                self.prefetch(s)
-            else:
-                soonest = min(soonest or 1e9, s.prefetch_at - now)
+        for s in sorted((s for s in self.sessions.values() if s.prefetch_at is not None and s.kv is KVPlace.HOST
+                         and s.state is SessionState.IDLE), key=lambda s: s.prefetch_at):
+            if s.prefetch_at > now:
+                soonest = s.prefetch_at - now
+                break
+            if not self.prefetch(s, "prefetch"):
+                soonest = RETRY_S   # the ones due later could only take from sessions due later still
+                break
+        self._evict_lazily(now)
         return soonest
+
+    def _evict_lazily(self, now: float):
+        short = self.low_water_blocks - self.pool.num_free - self.freeing()
+        if short > 0:   # sessions due back soon stay: evicting them would only double the copies
+            for s in policies.lazy_victims(self.sessions.values(), short, now + 4 * self.prefetch_lead_s):
+                self.evict(s, "lazy")
 
     # ---- moves -------------------------------------------------------------------------------
     def evict(self, s: Session, cause: str) -> bool:
@@ -58,19 +92,50 @@ class Pager:
         s.block_table, s.host_runs, s.kv = [], runs, KVPlace.HOST
         return True
 
-    def restore(self, s: Session, blocks: list[int], cause: str):
-        """Copy s's swapped KV into the first of `blocks` (allocated for it by the caller)."""
+    def restore(self, s: Session, blocks: list[int], cause: str, after=()):
+        """Copy s's swapped KV into the first of `blocks` (allocated for it by the caller), after its
+        own copies in flight and the transfers `after` (copies out of those blocks)."""
         n = sum(length for _, length in s.host_runs)
-        t = self.swapper.swap_in(s.id, s.host_runs, blocks[:n], cause, after=list(s.transfers))
+        t = self.swapper.swap_in(s.id, s.host_runs, blocks[:n], cause, after=list(s.transfers) + list(after))
         t.free_host = s.host_runs
         s.transfers.append(t)
         s.host_runs, s.kv, s.block_table = [], KVPlace.DEVICE, blocks
 
-    def prefetch(self, s: Session):
+    def prefetch(self, s: Session, cause: str, due: float | None = None) -> bool:
+        """Bring s's KV back before its request comes. Room comes from free blocks no queued request
+        needs, then from sessions due back later than s (or idle ones), whose blocks it takes at once:
+        the copy in waits for their copies out on the device, never on the host. False: no room."""
         n = sum(length for _, length in s.host_runs)
-        if s.kv is KVPlace.HOST and s.state is SessionState.IDLE and self.pool.can_allocate(n):
-            self.restore(s, self.pool.allocate(n), "prefetch")
-            s.prefetched = True
+        if s.kv is not KVPlace.HOST or s.state is not SessionState.IDLE:
+            return True
+        spare = max(0, min(n, self.pool.num_free - self._reserved()))
+        due = policies.returns_at(s) if due is None else due
+        taken, after = self._take_blocks(policies.prefetch_victims(self.sessions.values(), s, n - spare, due),
+                                         n - spare)
+        if spare + len(taken) < n:
+            if after:
+                after[-1].free_device += taken
+            self.metrics.inc("prefetches_deferred")
+            return False
+        self.restore(s, self.pool.allocate(spare) + taken, cause, after)
+        s.prefetched = True
+        return True
+
+    def _take_blocks(self, victims: list[Session], n: int) -> tuple[list[int], list]:
+        """Evict victims, keeping up to n of their device blocks; the rest are freed as usual."""
+        taken, after = [], []
+        for v in victims:
+            if self.evict(v, "prefetch_room"):
+                t = v.transfers[-1]
+                keep = n - len(taken)
+                taken, t.free_device = taken + t.free_device[:keep], t.free_device[keep:]
+                after.append(t)
+        return taken, after
+
+    def _reserved(self) -> int:
+        """Device blocks queued requests need: a prefetch never takes them (FIFO admission stays)."""
+        return sum(max(0, self.pool.blocks_for(len(s.tokens) + s.request.params.max_new_tokens) - len(s.block_table))
+                   for s in self.sessions.values() if s.state is SessionState.WAITING and s.request)
 
     def make_room(self, num_blocks: int, admitting: Session) -> int:
         """Evict per policy toward num_blocks free device blocks for `admitting`; returns blocks set
@@ -85,6 +150,8 @@ class Pager:
     # ---- bookkeeping -------------------------------------------------------------------------
     def poll(self):
         for t in self.swapper.poll():
+            if t.direction == "in" and t.ms:
+                self.in_bytes_per_s = 0.8 * self.in_bytes_per_s + 0.2 * t.nbytes / (t.ms / 1e3)
             self.pool.free(t.free_device)
             self.arena.free(t.free_host)
             s = self.sessions.get(t.session)
@@ -103,15 +170,10 @@ class Pager:
 
     def release(self, s: Session):
         """Session gone: free its KV now, or when the copies that touch it finish."""
-        if s.transfers:
-            last = s.transfers[-1]
-            last.free_device += s.block_table
-            last.free_host += s.host_runs
-        else:
-            self.pool.free(s.block_table)
-            self.arena.free(s.host_runs)
+        self._free_after_copies(s, s.block_table, s.host_runs)
         s.block_table, s.host_runs = [], []
         self.sessions.pop(s.id, None)
+        self.durations.forget(s.id)
 
     def truncate(self, s: Session, keep: int):
         """Cut an idle session's history to its first `keep` tokens and free the KV blocks past them.

@@ -42,7 +42,7 @@ class Swapper:
     def swap_out(self, session: int, device_blocks: list[int], host_runs: list, cause: str) -> Transfer:
         t = Transfer(session, "out", cause, len(device_blocks) * self.arena.block_bytes)
         with self._on_stream("out", t):
-            idx = torch.tensor(device_blocks, device=self.device)
+            idx = self._index(device_blocks)
             staged = torch.stack((self.pool.k.index_select(1, idx), self.pool.v.index_select(1, idx)), dim=1)
             staged = staged.transpose(0, 2).contiguous()     # [L, 2, n, ...] -> [n, 2, L, ...], a host block each
             offset = 0
@@ -59,11 +59,17 @@ class Swapper:
             parts = [self.arena.blocks[s:s + n].to(self.device, non_blocking=True)
                      for s, n in self.arena.pieces(host_runs)]
             staged = torch.cat(parts) if len(parts) > 1 else parts[0]          # [n, 2, L, ...]
-            idx = torch.tensor(device_blocks, device=self.device)
+            idx = self._index(device_blocks)
             self.pool.k.index_copy_(1, idx, staged[:, 0].transpose(0, 1))
             self.pool.v.index_copy_(1, idx, staged[:, 1].transpose(0, 1))
             t.staged = staged
         return t
+
+    def _index(self, blocks: list[int]):
+        """Block ids on the device. From pinned memory, so the host does not wait for the side
+        stream's earlier copies, as a pageable copy would."""
+        idx = torch.tensor(blocks, dtype=torch.long)
+        return idx.pin_memory().to(self.device, non_blocking=True) if self.is_cuda else idx
 
     @contextlib.contextmanager
     def _on_stream(self, direction: str, t: Transfer, after=()):

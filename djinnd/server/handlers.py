@@ -57,7 +57,8 @@ class Connection:
         self.inbox.put(cmd.CloseSession(self.id, f["session"], self._simple(rid)))
 
     def _on_set_phase(self, rid, f):
-        self.inbox.put(cmd.SetPhase(self.id, f["session"], f["phase"], f.get("expected_s"), self._simple(rid)))
+        self.inbox.put(cmd.SetPhase(self.id, f["session"], f["phase"], f.get("expected_s"), self._simple(rid),
+                                    tool=f.get("tool")))
 
     def _on_resume(self, rid, f):
         self.inbox.put(cmd.Resume(self.id, f["session"], f.get("shape"), f.get("dtype"), self._simple(rid)))
