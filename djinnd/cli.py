@@ -5,6 +5,7 @@ import sys
 
 from djinnd import daemon
 from djinnd.config import ConfigError, leaf_fields, load_config
+from djinnd.preflight import StartupError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,5 +29,8 @@ def main(argv=None):
     except (ConfigError, OSError) as e:
         print(f"djinnd: {e}", file=sys.stderr)
         return 2
-    daemon.run(config)
-    return 0
+    try:
+        return daemon.run(config)
+    except StartupError as e:
+        print(f"djinnd: {e}", file=sys.stderr)
+        return 2

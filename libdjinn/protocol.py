@@ -28,6 +28,9 @@ class ErrorCode(enum.IntEnum):
     BUSY = 11              # the session already has a request in flight
     NO_TOKENIZER = 12      # text asked of a model that has no tokenizer
     INTERNAL = 13
+    TIMEOUT = 14           # a pause or a queued request waited past its limit, or the client gave up
+    LIMIT = 15             # a per-client limit (sessions, requests, pauses, connections) is reached
+    UNAVAILABLE = 16       # no daemon answers on the socket, or its engine stopped
 
 
 class ProtocolError(Exception):
@@ -59,6 +62,7 @@ REQUESTS = {
         "breakpoints": ((list,), False),   # [{"layer": L, "steps": [0, ...] or "all"}]
     },
     "resume": {"session": (_INT, True), "shape": ((list,), False), "dtype": ((str,), False)},
+    "cancel": {"session": (_INT, True)},    # end the session's request in flight (finish_reason "cancelled")
     "status": {},
     "swaps": {},
     "timeline": {},

@@ -18,6 +18,7 @@ from djinnd.session import KVPlace, Phase, Request, Session, SessionState
 from libdjinn.protocol import ErrorCode
 
 log = logging.getLogger("djinnd.engine")
+MAX_FAULTS_IN_A_ROW = 100   # past this the engine is broken, not unlucky: die so systemd restarts us
 
 
 class EngineError(Exception):
@@ -44,6 +45,11 @@ class Engine:
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
+        self.limits = config.server
+        self.heartbeat = lambda: None     # the daemon feeds the systemd watchdog from here
+        self.on_death = lambda: None      # the daemon exits non-zero when the engine thread stops
+        self.dead = False
+        self._next_expiry = 0.0
 
     # ---- thread ---------------------------------------------------------------------------
     def start(self):
@@ -58,18 +64,59 @@ class Engine:
         self._thread.join(timeout)
 
     def run(self):
-        while not self._stop.is_set():
-            self.pager.poll()
-            next_prefetch = self.pager.tick()
-            idle = not self._has_work()
-            self._drain(timeout=(0.001 if self.pager.busy() else min(next_prefetch or 0.5, 0.5)) if idle else 0)
-            if self._has_work():
+        """The loop, with one fault boundary around every iteration. A fault in a step fails the
+        requests of that step; a fault elsewhere (pager, inbox) fails none. If the loop ever ends
+        other than by stop(), every request in flight gets an error and on_death stops the daemon."""
+        faults = 0
+        try:
+            while not self._stop.is_set():
                 try:
-                    self.step()
-                except Exception as e:     # a bug must never stop the engine thread
-                    log.exception("engine step failed")
-                    self.metrics.inc("engine_step_errors")
-                    self._fail_running(e)
+                    self._iterate()
+                    faults = 0
+                except Exception:
+                    faults += 1
+                    log.exception("engine iteration failed (%d in a row)", faults)
+                    self.metrics.inc("engine_iteration_errors")
+                    if faults >= MAX_FAULTS_IN_A_ROW:
+                        raise
+        finally:
+            self._exit()
+
+    def _iterate(self):
+        self.heartbeat()
+        self.pager.poll()
+        next_prefetch = self.pager.tick()
+        self._expire()
+        if not self._has_work():
+            timeout = 0.001 if self.pager.busy() else min(next_prefetch or 0.5, 0.5)
+        elif self._blocked():    # only queued work that waits for room: wake on a command, not a spin
+            timeout = 0.001 if self.pager.busy() else 0.05
+        else:
+            timeout = 0
+        self._drain(timeout)
+        if self._has_work():
+            try:
+                self.step()
+            except Exception as e:     # a bug must never stop the engine thread
+                log.exception("engine step failed")
+                self.metrics.inc("engine_step_errors")
+                self._fail_running(e)
+
+    def _blocked(self) -> bool:
+        return not any(s.state is SessionState.RUNNING for s in self.scheduler.running) and \
+            not self.breaks.resumed(self.scheduler.running)
+
+    def _exit(self):
+        for s in self.sessions.values():      # no activation segment outlives the engine
+            self.breaks.discard(s)
+        if self._stop.is_set():
+            return
+        self.dead = True
+        log.critical("the engine thread stopped; the daemon exits")
+        for reply in list(self.replies.values()):
+            reply(cmd.Failed(ErrorCode.UNAVAILABLE, "the daemon's engine stopped; it is restarting"))
+        self.replies.clear()
+        self.on_death()
 
     def _has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.breaks.resumed(self.scheduler.running))
@@ -90,7 +137,7 @@ class Engine:
                 cmd.OpenSession: self._open, cmd.CloseSession: self._close,
                 cmd.Generate: self._generate, cmd.SetPhase: self._set_phase,
                 cmd.ReleaseOwner: self._release_owner, cmd.Status: self._status,
-                cmd.Resume: self._resume,
+                cmd.Resume: self._resume, cmd.Cancel: self._cancel,
             }[type(c)](c)
         except (EngineError, BreakpointError) as e:
             c.reply(cmd.Failed(e.code, e.message))
@@ -159,6 +206,8 @@ class Engine:
         bad_layers = check_layers(c.params.breakpoints, self.loaded.model.args.num_layers)
         if bad_layers:
             raise EngineError(ErrorCode.BAD_REQUEST, bad_layers)
+        if c.params.breakpoints:
+            self._check_pause_limit(c.owner)
         s.tokens.extend(c.prompt_ids)
         s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
         s.prefetched = False
@@ -170,6 +219,58 @@ class Engine:
         s = self._owned(c.owner, c.session)
         self.breaks.resume(s, c.shape, c.dtype)
         c.reply(cmd.Result({"session": s.id, "resumed": True}))
+
+    def _check_pause_limit(self, owner: int):
+        cap = self.limits.max_paused_per_client
+        tracing = sum(1 for s in self.sessions.values()
+                      if s.owner == owner and s.request is not None and s.request.params.breakpoints)
+        if tracing >= cap:
+            raise EngineError(ErrorCode.LIMIT, f"this connection already has {cap} requests with breakpoints in "
+                              "flight (server.max_paused_per_client); resume or cancel one first")
+
+    def _cancel(self, c: cmd.Cancel):
+        s = self._owned(c.owner, c.session)
+        if s.request is None:
+            c.reply(cmd.Result({"session": s.id, "cancelled": False}))
+            return
+        req = s.request
+        self._abort(s, cmd.Done(list(req.output), "cancelled", req.num_prompt_tokens, req.num_cached))
+        self.metrics.inc("requests_cancelled")
+        c.reply(cmd.Result({"session": s.id, "cancelled": True}))
+
+    def _abort(self, s: Session, event):
+        """End s's request before it finished; the session's history is as it was before it."""
+        kept = len(s.tokens) - s.request.num_prompt_tokens - len(s.request.output)
+        del s.tokens[kept:]
+        s.num_cached = min(s.num_cached, kept)
+        if s.state is SessionState.WAITING:
+            self.scheduler.waiting.remove(s)
+            s.change_state(SessionState.IDLE)
+            s.request = None
+            self.replies.pop(s.id)(event)
+            return
+        if s.state is SessionState.PAUSED:
+            self.breaks.discard(s)
+            s.change_state(SessionState.RUNNING)
+        self._end(s, None, event)
+
+    def _expire(self):
+        """Pauses held past pause_timeout_s and requests queued past queue_timeout_s end with TIMEOUT,
+        so no client can hold a batch slot or the queue forever."""
+        now = time.monotonic()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + 0.1
+        pause_s, queue_s = self.limits.pause_timeout_s, self.limits.queue_timeout_s
+        for s in [s for s in self.scheduler.running if s.state is SessionState.PAUSED]:
+            if s.paused.resumed_at is None and time.perf_counter() - s.paused.paused_at > pause_s:
+                self._abort(s, cmd.Failed(ErrorCode.TIMEOUT, f"session {s.id}: paused at layer {s.paused.layer} "
+                                          f"for over {pause_s:g} s without resume (server.pause_timeout_s)"))
+                self.metrics.inc("pauses_timed_out")
+        for s in [s for s in self.scheduler.waiting if now - s.request.queued_at > queue_s]:
+            self._abort(s, cmd.Failed(ErrorCode.TIMEOUT, f"session {s.id}: waited over {queue_s:g} s for KV "
+                                      "blocks (server.queue_timeout_s); the pool is held by other sessions"))
+            self.metrics.inc("requests_timed_out")
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
@@ -198,7 +299,7 @@ class Engine:
         except Exception as e:
             log.exception("forward failed")
             for s in batch:
-                self._end(s, None, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
+                self._abort(s, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
             return
         self.metrics.inc("prefill_s" if is_prefill else "decode_s", time.perf_counter() - started)
         self.metrics.inc("prefill_steps" if is_prefill else "decode_steps")
@@ -239,8 +340,8 @@ class Engine:
 
     def _fail_running(self, error: Exception):
         """After a failed step, end the batch's requests with an error rather than retry forever."""
-        for s in [s for s in self.scheduler.running if s.state is SessionState.RUNNING]:
-            self._end(s, None, cmd.Failed(ErrorCode.INTERNAL, f"step failed: {type(error).__name__}: {error}"))
+        for s in [s for s in self.scheduler.running if s.state is SessionState.RUNNING and s.request]:
+            self._abort(s, cmd.Failed(ErrorCode.INTERNAL, f"step failed: {type(error).__name__}: {error}"))
 
     def _refuse(self, refused: list):
         for s, why in refused:

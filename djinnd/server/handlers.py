@@ -3,7 +3,9 @@
 Runs on the server's event loop; engine events arrive from the engine thread through `relay`.
 Ownership is checked by the engine (a session remembers the connection that opened it).
 """
+import math
 import os
+from collections import Counter
 
 from djinnd.engine import commands as cmd
 from djinnd.server.text import ChatState, Detokenizer, chat_record_reply, chat_turn, check_messages
@@ -11,16 +13,36 @@ from djinnd.session import SamplingParams
 from libdjinn.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, encode_frame, error_reply
 
 
+FINAL = ("result", "done", "error")
+MAX_NEW_TOKENS = 1 << 20
+MAX_BREAKPOINT_ITEMS = 4096
+MAX_EXPECTED_S = 1e7
+
+
 class Connection:
-    def __init__(self, conn_id: int, pid: int, writer, inbox, loaded, loop):
+    def __init__(self, conn_id: int, pid: int, writer, inbox, loaded, loop, uid: int | None = None, limits=None):
         self.id, self.pid, self.writer, self.inbox, self.loop = conn_id, pid, writer, inbox, loop
         self.tokenizer, self.label = loaded.tokenizer, loaded.label
+        self.limits = limits                    # config.server: per-client caps
+        self.sees_all = uid in (0, os.getuid())  # status shows other clients' sessions only to these
         self.greeted = False
         self.chats: dict[int, ChatState] = {}
+        self.sessions: set[int] = set()         # opened here and not closed
+        self.opening = 0                        # open_session requests in flight
+        self.pending: Counter = Counter()       # request id -> requests awaiting their final reply
+        self.on_overflow = None                 # called once the client leaves too much unread
 
     def send(self, message: dict):
-        if not self.writer.is_closing():
-            self.writer.write(encode_frame(message))
+        if message.get("type") in FINAL and self.pending.get(message.get("id")):
+            self.pending[message["id"]] -= 1
+            if not self.pending[message["id"]]:
+                del self.pending[message["id"]]
+        if self.writer.is_closing():
+            return
+        self.writer.write(encode_frame(message))
+        unread = self.writer.transport.get_write_buffer_size()
+        if self.limits and unread > self.limits.max_unread_reply_mb * 2**20 and self.on_overflow:
+            self.on_overflow(unread)
 
     def relay(self, on_event):
         """A reply callable for the engine thread: runs on_event on this loop."""
@@ -29,6 +51,11 @@ class Connection:
     def handle(self, kind: str, rid: int, fields: dict):
         if not self.greeted and kind != "hello":
             raise ProtocolError(ErrorCode.BAD_VERSION, "the first request must be hello")
+        cap = self.limits.max_requests_per_client if self.limits else None
+        if cap and sum(self.pending.values()) >= cap:
+            raise ProtocolError(ErrorCode.LIMIT, f"{kind}: {cap} requests of this connection already await "
+                                "their reply (server.max_requests_per_client); read replies before sending more")
+        self.pending[rid] += 1
         getattr(self, f"_on_{kind}")(rid, fields)
 
     def _simple(self, rid: int):
@@ -48,20 +75,45 @@ class Connection:
                    "has_tokenizer": self.tokenizer is not None, "daemon_pid": os.getpid()})
 
     def _on_open_session(self, rid, f):
-        self.inbox.put(cmd.OpenSession(self.id, self.pid, self._simple(rid)))
+        cap = self.limits.max_sessions_per_client if self.limits else None
+        if cap and len(self.sessions) + self.opening >= cap:
+            raise ProtocolError(ErrorCode.LIMIT, f"open_session: this connection has {cap} sessions open "
+                                "(server.max_sessions_per_client); close one first")
+        self.opening += 1
+        reply = self._simple(rid)
+
+        def on_event(event):
+            self.opening -= 1
+            if isinstance(event, cmd.Result):
+                self.sessions.add(event.payload["session"])
+            reply(event)
+        self.inbox.put(cmd.OpenSession(self.id, self.pid, on_event))
 
     def _on_close_session(self, rid, f):
         self.chats.pop(f["session"], None)
+        if f["session"] in self.sessions:
+            self.sessions.discard(f["session"])
         self.inbox.put(cmd.CloseSession(self.id, f["session"], self._simple(rid)))
 
+    def _on_cancel(self, rid, f):
+        self.inbox.put(cmd.Cancel(self.id, f["session"], self._simple(rid)))
+
     def _on_set_phase(self, rid, f):
-        self.inbox.put(cmd.SetPhase(self.id, f["session"], f["phase"], f.get("expected_s"), self._simple(rid)))
+        expected_s = number(f, "expected_s", None, 0, MAX_EXPECTED_S)
+        self.inbox.put(cmd.SetPhase(self.id, f["session"], f["phase"], expected_s, self._simple(rid)))
 
     def _on_resume(self, rid, f):
         self.inbox.put(cmd.Resume(self.id, f["session"], f.get("shape"), f.get("dtype"), self._simple(rid)))
 
     def _on_status(self, rid, f):
-        self.inbox.put(cmd.Status(self._simple(rid)))
+        reply = self._simple(rid)
+
+        def on_event(event):
+            if isinstance(event, cmd.Result) and not self.sees_all:
+                event = cmd.Result({**event.payload, "sessions": [
+                    row for row in event.payload.get("sessions", []) if row["id"] in self.sessions]})
+            reply(event)
+        self.inbox.put(cmd.Status(on_event))
 
     def _on_swaps(self, rid, f):
         self.inbox.put(cmd.Status(self._simple(rid), "swaps"))
@@ -119,25 +171,58 @@ class Connection:
 
 
 def sampling_params(f: dict) -> SamplingParams:
-    p = SamplingParams(max_new_tokens=f.get("max_new_tokens", 64), temperature=float(f.get("temperature", 0.0)),
-                       top_p=float(f.get("top_p", 1.0)), seed=f.get("seed"), ignore_eos=bool(f.get("ignore_eos")),
-                       breakpoints=parse_breakpoints(f.get("breakpoints") or []))
-    if p.max_new_tokens < 1:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: max_new_tokens must be >= 1")
-    if p.temperature < 0 or not 0 < p.top_p <= 1:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: temperature must be >= 0 and top_p in (0, 1]")
-    return p
+    """Every sampling field checked here, so one request's bad values never reach a batch."""
+    temperature = number(f, "temperature", 0.0, 0, 100)
+    if 0 < temperature < 1e-3:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"generate: temperature {temperature} is too small; "
+                            "use 0 (greedy) or a value in [0.001, 100]")
+    top_p = number(f, "top_p", 1.0, 0, 1)
+    if top_p <= 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: top_p must be in (0, 1]")
+    return SamplingParams(max_new_tokens=integer(f, "max_new_tokens", 64, 1, MAX_NEW_TOKENS),
+                          temperature=temperature, top_p=top_p, seed=integer(f, "seed", None, 0, 2**63 - 1),
+                          ignore_eos=bool(f.get("ignore_eos")),
+                          breakpoints=parse_breakpoints(f.get("breakpoints") or []))
+
+
+def number(f: dict, key: str, default, low: float, high: float):
+    """A finite number in [low, high]; None or absent gives the default."""
+    value = f.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {key!r} must be a finite number in [{low}, {high}], "
+                            f"got {value!r}")
+    return float(value)
+
+
+def integer(f: dict, key: str, default, low: int, high: int):
+    value = f.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {key!r} must be an integer in [{low}, {high}], "
+                            f"got {value!r}")
+    return value
 
 
 def parse_breakpoints(items: list) -> list:
     """[{"layer": L, "steps": [..] | "all"}] -> [(L, set of steps or None)]; steps default to [0]."""
     out = []
+    if len(items) > MAX_BREAKPOINT_ITEMS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"generate: at most {MAX_BREAKPOINT_ITEMS} breakpoints")
     for b in items:
         steps = b.get("steps", [0]) if isinstance(b, dict) else None
-        ok = isinstance(b, dict) and isinstance(b.get("layer"), int) and (
-            steps == "all" or isinstance(steps, list) and all(isinstance(x, int) and x >= 0 for x in steps))
+        ok = isinstance(b, dict) and _plain_int(b.get("layer")) and (
+            steps == "all" or isinstance(steps, list) and len(steps) <= MAX_BREAKPOINT_ITEMS
+            and all(_plain_int(x) and x >= 0 for x in steps))
         if not ok:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: each breakpoint is {'layer': int, "
                                 "'steps': list of forward numbers (0 = the prompt) or 'all'}")
         out.append((b["layer"], None if steps == "all" else set(steps)))
     return out
+
+
+def _plain_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
