@@ -17,6 +17,8 @@ FINAL = ("result", "done", "error")
 MAX_NEW_TOKENS = 1 << 20
 MAX_BREAKPOINT_ITEMS = 4096
 MAX_EXPECTED_S = 1e7
+REPORTS = ("status", "swaps", "timeline")
+MAX_REPORTS_IN_FLIGHT = 8     # reports are large: a client pipelining them must read them first
 
 
 class Connection:
@@ -30,10 +32,12 @@ class Connection:
         self.sessions: set[int] = set()         # opened here and not closed
         self.opening = 0                        # open_session requests in flight
         self.pending: Counter = Counter()       # request id -> requests awaiting their final reply
+        self.reports = 0                        # status/swaps/timeline awaiting their reply
         self.on_overflow = None                 # called once the client leaves too much unread
 
-    def send(self, message: dict):
-        if message.get("type") in FINAL and self.pending.get(message.get("id")):
+    def send(self, message: dict, counted: bool = True):
+        """counted: the message answers a request handle() counted (False: refused before that)."""
+        if counted and message.get("type") in FINAL and self.pending.get(message.get("id")):
             self.pending[message["id"]] -= 1
             if not self.pending[message["id"]]:
                 del self.pending[message["id"]]
@@ -49,22 +53,47 @@ class Connection:
         return lambda event: self.loop.call_soon_threadsafe(on_event, event)
 
     def handle(self, kind: str, rid: int, fields: dict):
+        """Dispatch one checked request; every request counted here gets exactly one final reply."""
+        self.pending[rid] += 1
         if not self.greeted and kind != "hello":
             raise ProtocolError(ErrorCode.BAD_VERSION, "the first request must be hello")
         cap = self.limits.max_requests_per_client if self.limits else None
-        if cap and sum(self.pending.values()) >= cap:
+        if cap and sum(self.pending.values()) > cap:
             raise ProtocolError(ErrorCode.LIMIT, f"{kind}: {cap} requests of this connection already await "
                                 "their reply (server.max_requests_per_client); read replies before sending more")
-        self.pending[rid] += 1
+        if kind in REPORTS:
+            self._check_reports(kind)
         getattr(self, f"_on_{kind}")(rid, fields)
 
+    def _check_reports(self, kind: str):
+        if self.reports >= MAX_REPORTS_IN_FLIGHT:
+            raise ProtocolError(ErrorCode.LIMIT, f"{kind}: {MAX_REPORTS_IN_FLIGHT} reports of this connection "
+                                "await their reply; read them before asking for more")
+
+    def _report(self, rid: int, filter_rows=False):
+        """A reply callable for status/swaps/timeline, counted against MAX_REPORTS_IN_FLIGHT."""
+        self.reports += 1
+        answer = self._answer(rid)
+
+        def on_event(event):
+            self.reports -= 1
+            if filter_rows and isinstance(event, cmd.Result) and not self.sees_all:
+                event = cmd.Result({**event.payload, "sessions": [
+                    row for row in event.payload.get("sessions", []) if row["id"] in self.sessions]})
+            answer(event)
+        return self.relay(on_event)
+
     def _simple(self, rid: int):
+        return self.relay(self._answer(rid))
+
+    def _answer(self, rid: int):
+        """Sends the final reply; runs on this loop."""
         def on_event(event):
             if isinstance(event, cmd.Failed):
                 self.send(error_reply(rid, event.code, event.message))
             else:
                 self.send({"type": "result", "id": rid, **event.payload})
-        return self.relay(on_event)
+        return on_event
 
     def _on_hello(self, rid, f):
         if f["version"] != PROTOCOL_VERSION:
@@ -80,14 +109,14 @@ class Connection:
             raise ProtocolError(ErrorCode.LIMIT, f"open_session: this connection has {cap} sessions open "
                                 "(server.max_sessions_per_client); close one first")
         self.opening += 1
-        reply = self._simple(rid)
+        answer = self._answer(rid)
 
         def on_event(event):
             self.opening -= 1
             if isinstance(event, cmd.Result):
                 self.sessions.add(event.payload["session"])
-            reply(event)
-        self.inbox.put(cmd.OpenSession(self.id, self.pid, on_event))
+            answer(event)
+        self.inbox.put(cmd.OpenSession(self.id, self.pid, self.relay(on_event)))
 
     def _on_close_session(self, rid, f):
         self.chats.pop(f["session"], None)
@@ -106,20 +135,13 @@ class Connection:
         self.inbox.put(cmd.Resume(self.id, f["session"], f.get("shape"), f.get("dtype"), self._simple(rid)))
 
     def _on_status(self, rid, f):
-        reply = self._simple(rid)
-
-        def on_event(event):
-            if isinstance(event, cmd.Result) and not self.sees_all:
-                event = cmd.Result({**event.payload, "sessions": [
-                    row for row in event.payload.get("sessions", []) if row["id"] in self.sessions]})
-            reply(event)
-        self.inbox.put(cmd.Status(on_event))
+        self.inbox.put(cmd.Status(self._report(rid, filter_rows=True)))
 
     def _on_swaps(self, rid, f):
-        self.inbox.put(cmd.Status(self._simple(rid), "swaps"))
+        self.inbox.put(cmd.Status(self._report(rid), "swaps"))
 
     def _on_timeline(self, rid, f):
-        self.inbox.put(cmd.Status(self._simple(rid), "timeline"))
+        self.inbox.put(cmd.Status(self._report(rid), "timeline"))
 
     def _on_generate(self, rid, f):
         params = sampling_params(f)

@@ -138,16 +138,18 @@ class Listener:
                 await drain(writer)
                 return
             body = await reader.readexactly(size)
-            rid = None
+            rid, counted = None, False
             try:
                 message = decode_body(body)
                 rid = message.get("id")
-                conn.handle(message["type"], rid, check_request(message))
+                fields = check_request(message)
+                counted = True
+                conn.handle(message["type"], rid, fields)
             except ProtocolError as e:
-                conn.send(error_reply(rid if isinstance(rid, int) else None, e.code, e.message))
+                conn.send(error_reply(rid if isinstance(rid, int) else None, e.code, e.message), counted)
             except Exception as e:  # a bug costs this request, not the connection or the daemon
-                log.exception("request %r failed", rid)
-                conn.send(error_reply(rid if isinstance(rid, int) else None, ErrorCode.INTERNAL, repr(e)))
+                self.throttled("request-bug", f"request {rid!r} failed: {type(e).__name__}: {e}", logging.ERROR)
+                conn.send(error_reply(rid if isinstance(rid, int) else None, ErrorCode.INTERNAL, repr(e)), counted)
             await drain(writer)      # back-pressure: no new requests while its replies sit unread
 
 
