@@ -211,6 +211,13 @@ def test_leaving_a_trace_early_frees_the_session(limited, hf_tiny):
                 raise KeyError("the agent's own bug")
         assert s.generate(prompt_ids=q, max_new_tokens=4, ignore_eos=True).tokens == hf_greedy(hf_tiny, q, 4)
         assert djinn.status()["counters"]["requests_cancelled"] >= 2
+        out = s.generate(prompt_ids=p, max_new_tokens=3, ignore_eos=True).tokens
+        for bp in s.trace(prompt_ids=q, breakpoints=[1], max_new_tokens=6):
+            s.signal_phase("IO_WAIT")             # the paused session's KV goes to the host arena
+            assert next(r for r in djinn.status()["sessions"] if r["id"] == s.id)["kv_where"] in ("host", "->host")
+            break                                 # cancelled while swapped out (the soak found this)
+        assert s.generate(prompt_ids=q, max_new_tokens=4, ignore_eos=True).tokens == \
+            hf_greedy(hf_tiny, q + hf_greedy(hf_tiny, q, 4) + p + out + q, 4)
 
 
 def test_abandoned_stream_stops_generating(limited):

@@ -50,6 +50,7 @@ class Engine:
         self.on_death = lambda: None      # the daemon exits non-zero when the engine thread stops
         self.dead = False
         self._next_expiry = 0.0
+        self._step_faults = 0
 
     # ---- thread ---------------------------------------------------------------------------
     def start(self):
@@ -97,10 +98,15 @@ class Engine:
         if self._has_work():
             try:
                 self.step()
+                self._step_faults = 0
             except Exception as e:     # a bug must never stop the engine thread
                 log.exception("engine step failed")
                 self.metrics.inc("engine_step_errors")
                 self._fail_running(e)
+                self._step_faults += 1
+                if self._step_faults >= 2 and self.scheduler.waiting:   # admitting the head fails: fail it
+                    self._abort(self.scheduler.waiting[0], cmd.Failed(
+                        ErrorCode.INTERNAL, f"admission failed: {type(e).__name__}: {e}"))
 
     def _blocked(self) -> bool:
         return not any(s.state is SessionState.RUNNING for s in self.scheduler.running) and \
@@ -243,6 +249,8 @@ class Engine:
         kept = len(s.tokens) - s.request.num_prompt_tokens - len(s.request.output)
         del s.tokens[kept:]
         s.num_cached = min(s.num_cached, kept)
+        if s.kv is KVPlace.HOST:
+            self._drop_host_kv(s)
         if s.state is SessionState.WAITING:
             self.scheduler.waiting.remove(s)
             s.change_state(SessionState.IDLE)
@@ -253,6 +261,15 @@ class Engine:
             self.breaks.discard(s)
             s.change_state(SessionState.RUNNING)
         self._end(s, None, event)
+
+    def _drop_host_kv(self, s: Session):
+        """Swapped KV of an aborted request holds its whole reservation, which no longer matches the
+        shorter history; drop it (the next request prefills the history) rather than restore it."""
+        if s.transfers:
+            s.transfers[-1].free_host += s.host_runs
+        else:
+            self.arena.free(s.host_runs)
+        s.host_runs, s.kv, s.num_cached = [], KVPlace.DROPPED, 0
 
     def _expire(self):
         """Pauses held past pause_timeout_s and requests queued past queue_timeout_s end with TIMEOUT,
