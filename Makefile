@@ -23,7 +23,8 @@ UNITS ?= /etc/systemd/system
 install-service:
 	@test -n "$(DJINND)" || { echo "install djinnd first, or pass DJINND=/path/to/djinnd"; exit 1; }
 	id -u djinn >/dev/null 2>&1 || useradd --system --user-group --home-dir /var/lib/djinn --shell /usr/sbin/nologin djinn
-	install -d -m 0755 /etc/djinn
+	install -d -m 0755 /etc/djinn /usr/local/share/doc/djinn
+	install -m 0644 README.md /usr/local/share/doc/djinn/README.md
 	test -f /etc/djinn/djinnd.yaml || install -m 0644 systemd/djinnd.yaml /etc/djinn/djinnd.yaml
 	sed 's#@DJINND@#$(DJINND)#' systemd/djinnd.service > $(UNITS)/djinnd.service
 	install -m 0644 systemd/djinnd.socket $(UNITS)/djinnd.socket
