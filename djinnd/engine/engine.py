@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 
+from djinnd.engine import aborts
 from djinnd.engine import commands as cmd
 from djinnd.engine.runner import Runner
 from djinnd.engine.breakpoints import BreakpointError, BreakpointRunner, check_layers
@@ -19,6 +20,7 @@ from libdjinn.protocol import ErrorCode
 
 log = logging.getLogger("djinnd.engine")
 MAX_FAULTS_IN_A_ROW = 100   # past this the engine is broken, not unlucky: die so systemd restarts us
+STALLED_STEPS = 20          # ~20 ms of steps that change nothing before the loop waits on its inbox
 
 
 class EngineError(Exception):
@@ -51,6 +53,7 @@ class Engine:
         self.dead = False
         self._next_expiry = 0.0
         self._step_faults = 0
+        self._stalled_steps = 0               # steps in a row that changed nothing
 
     # ---- thread ---------------------------------------------------------------------------
     def start(self):
@@ -87,30 +90,43 @@ class Engine:
         self.heartbeat()
         self.pager.poll()
         next_prefetch = self.pager.tick()
-        self._expire()
-        if not self._has_work():
-            timeout = 0.001 if self.pager.busy() else min(next_prefetch or 0.5, 0.5)
-        elif self._blocked():    # only queued work that waits for room: wake on a command, not a spin
-            timeout = 0.001 if self.pager.busy() else 0.05
-        else:
-            timeout = 0
-        self._drain(timeout)
+        if time.monotonic() >= self._next_expiry:
+            self._next_expiry = time.monotonic() + 0.1
+            aborts.expire(self)
+        self._drain(self._wait_s(next_prefetch))
         if self._has_work():
-            try:
-                self.step()
-                self._step_faults = 0
-            except Exception as e:     # a bug must never stop the engine thread
-                log.exception("engine step failed")
-                self.metrics.inc("engine_step_errors")
-                self._fail_running(e)
-                self._step_faults += 1
-                if self._step_faults >= 2 and self.scheduler.waiting:   # admitting the head fails: fail it
-                    self._abort(self.scheduler.waiting[0], cmd.Failed(
-                        ErrorCode.INTERNAL, f"admission failed: {type(e).__name__}: {e}"))
+            self._guarded_step()
 
-    def _blocked(self) -> bool:
-        return not any(s.state is SessionState.RUNNING for s in self.scheduler.running) and \
-            not self.breaks.resumed(self.scheduler.running)
+    def _wait_s(self, next_prefetch: float | None) -> float:
+        """How long to wait for a command: long when idle; a little when work has been stuck for a
+        while (a held pause, a full pool under `none`), so waiting work never spins the CPU."""
+        if self.pager.busy():
+            return 0.001 if not self._has_work() or self._stalled_steps >= STALLED_STEPS else 0
+        if not self._has_work():
+            return min(next_prefetch or 0.5, 0.5)
+        return min(next_prefetch or 0.05, 0.05) if self._stalled_steps >= STALLED_STEPS else 0
+
+    def _guarded_step(self):
+        """One step; a fault fails the requests of that step, and a queue head whose admission
+        fails twice in a row."""
+        before = self._progress()
+        try:
+            self.step()
+            self._step_faults = 0
+        except Exception as e:     # a bug must never stop the engine thread
+            log.exception("engine step failed")
+            self.metrics.inc("engine_step_errors")
+            self._fail_running(e)
+            self._step_faults += 1
+            if self._step_faults >= 2 and self.scheduler.waiting:
+                self._abort(self.scheduler.waiting[0], cmd.Failed(
+                    ErrorCode.INTERNAL, f"admission failed: {type(e).__name__}: {e}"))
+        self._stalled_steps = self._stalled_steps + 1 if self._progress() == before else 0
+
+    def _progress(self) -> tuple:
+        return (len(self.scheduler.waiting), len(self.scheduler.running), self.pool.num_free,
+                len(self.pager.swapper.in_flight), self.metrics.counters.get("tokens_generated"),
+                self.metrics.counters.get("breakpoint_pauses"))
 
     def _exit(self):
         for s in self.sessions.values():      # no activation segment outlives the engine
@@ -212,8 +228,8 @@ class Engine:
         bad_layers = check_layers(c.params.breakpoints, self.loaded.model.args.num_layers)
         if bad_layers:
             raise EngineError(ErrorCode.BAD_REQUEST, bad_layers)
-        if c.params.breakpoints:
-            self._check_pause_limit(c.owner)
+        if c.params.breakpoints and (why := aborts.pause_limit_reached(self, c.owner)):
+            raise EngineError(ErrorCode.LIMIT, why)
         s.tokens.extend(c.prompt_ids)
         s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
         s.prefetched = False
@@ -226,68 +242,12 @@ class Engine:
         self.breaks.resume(s, c.shape, c.dtype)
         c.reply(cmd.Result({"session": s.id, "resumed": True}))
 
-    def _check_pause_limit(self, owner: int):
-        cap = self.limits.max_paused_per_client
-        tracing = sum(1 for s in self.sessions.values()
-                      if s.owner == owner and s.request is not None and s.request.params.breakpoints)
-        if tracing >= cap:
-            raise EngineError(ErrorCode.LIMIT, f"this connection already has {cap} requests with breakpoints in "
-                              "flight (server.max_paused_per_client); resume or cancel one first")
-
     def _cancel(self, c: cmd.Cancel):
-        s = self._owned(c.owner, c.session)
-        if s.request is None:
-            c.reply(cmd.Result({"session": s.id, "cancelled": False}))
-            return
-        req = s.request
-        self._abort(s, cmd.Done(list(req.output), "cancelled", req.num_prompt_tokens, req.num_cached))
-        self.metrics.inc("requests_cancelled")
-        c.reply(cmd.Result({"session": s.id, "cancelled": True}))
+        cancelled = aborts.cancel(self, self._owned(c.owner, c.session))
+        c.reply(cmd.Result({"session": c.session, "cancelled": cancelled}))
 
     def _abort(self, s: Session, event):
-        """End s's request before it finished; the session's history is as it was before it."""
-        kept = len(s.tokens) - s.request.num_prompt_tokens - len(s.request.output)
-        del s.tokens[kept:]
-        s.num_cached = min(s.num_cached, kept)
-        if s.kv is KVPlace.HOST:
-            self._drop_host_kv(s)
-        if s.state is SessionState.WAITING:
-            self.scheduler.waiting.remove(s)
-            s.change_state(SessionState.IDLE)
-            s.request = None
-            self.replies.pop(s.id)(event)
-            return
-        if s.state is SessionState.PAUSED:
-            self.breaks.discard(s)
-            s.change_state(SessionState.RUNNING)
-        self._end(s, None, event)
-
-    def _drop_host_kv(self, s: Session):
-        """Swapped KV of an aborted request holds its whole reservation, which no longer matches the
-        shorter history; drop it (the next request prefills the history) rather than restore it."""
-        if s.transfers:
-            s.transfers[-1].free_host += s.host_runs
-        else:
-            self.arena.free(s.host_runs)
-        s.host_runs, s.kv, s.num_cached = [], KVPlace.DROPPED, 0
-
-    def _expire(self):
-        """Pauses held past pause_timeout_s and requests queued past queue_timeout_s end with TIMEOUT,
-        so no client can hold a batch slot or the queue forever."""
-        now = time.monotonic()
-        if now < self._next_expiry:
-            return
-        self._next_expiry = now + 0.1
-        pause_s, queue_s = self.limits.pause_timeout_s, self.limits.queue_timeout_s
-        for s in [s for s in self.scheduler.running if s.state is SessionState.PAUSED]:
-            if s.paused.resumed_at is None and time.perf_counter() - s.paused.paused_at > pause_s:
-                self._abort(s, cmd.Failed(ErrorCode.TIMEOUT, f"session {s.id}: paused at layer {s.paused.layer} "
-                                          f"for over {pause_s:g} s without resume (server.pause_timeout_s)"))
-                self.metrics.inc("pauses_timed_out")
-        for s in [s for s in self.scheduler.waiting if now - s.request.queued_at > queue_s]:
-            self._abort(s, cmd.Failed(ErrorCode.TIMEOUT, f"session {s.id}: waited over {queue_s:g} s for KV "
-                                      "blocks (server.queue_timeout_s); the pool is held by other sessions"))
-            self.metrics.inc("requests_timed_out")
+        aborts.abort(self, s, event)
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
