@@ -51,9 +51,11 @@ def test_socket_activation_readiness_and_watchdog(tmp_path):
     notify.settimeout(120)
     fd = listening.fileno()
     env = {**os.environ, "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "400000", "LISTEN_FDS": "1"}
-    cmd = f'exec 3<&{fd}; LISTEN_PID=$$ exec "{sys.executable}" -m djinnd --model random:tiny --device cpu ' \
-          f'--kv-cache-mb 4 --host-arena-mb 16 --socket {tmp_path}/unused/d.sock'
-    proc = subprocess.Popen(["sh", "-c", cmd], pass_fds=(fd,), env=env, cwd=ROOT,
+    argv = [sys.executable, "-m", "djinnd", "--model", "random:tiny", "--device", "cpu", "--kv-cache-mb", "4",
+            "--host-arena-mb", "16", "--socket", f"{tmp_path}/unused/d.sock"]
+    launch = (f"import os, sys; os.dup2({fd}, 3); os.environ['LISTEN_PID'] = str(os.getpid()); "
+              f"os.execv(sys.executable, {argv!r})")      # what systemd does: fd 3, our pid, exec
+    proc = subprocess.Popen([sys.executable, "-c", launch], pass_fds=(fd,), env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     listening.close()
     try:
