@@ -17,7 +17,6 @@ from djinnd import preflight
 from djinnd.preflight import StartupError
 from djinnd.server.listener import Listener
 from djinnd.server.systemd import notify, watchdog_feeder
-from libdjinn.paths import default_socket_path
 
 EXIT_ENGINE_DIED = 70       # EX_SOFTWARE: systemd's Restart=on-failure brings the daemon back
 
@@ -54,12 +53,11 @@ def build_engine(config) -> Engine:
     return Engine(loaded, pool, arena, config, device)
 
 
-def run(config) -> int:
+def run(config, path: str) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the engine thread dies (EXIT_ENGINE_DIED).
-    Start-up mistakes raise StartupError, before the model loads where they can be found early."""
-    path = config.server.socket or default_socket_path()
-    inherited = bool(os.environ.get("LISTEN_FDS")) and os.environ.get("LISTEN_PID") == str(os.getpid())
-    preflight.check_all(config, path, inherited, torch.cuda.is_available())
+    Start-up mistakes raise StartupError before the model loads (cli.py ran preflight.check_all)."""
+    preflight.check_model(config.model.model)
+    preflight.check_device(config.engine.device, torch.cuda.is_available())
     warning = preflight.memlock_warning(config.memory.pin_host_arena and config.engine.device != "cpu",
                                         config.memory.host_arena_mb)
     if warning and torch.cuda.is_available():

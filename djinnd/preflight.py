@@ -1,11 +1,9 @@
-"""Start-up checks that run before the model loads: each failure is one line naming the flag or
-file and the fix, so a mistake costs seconds, not a model load and a traceback."""
+"""Start-up checks that run before torch is imported and the model loads: each failure is one line
+naming the flag or file and the fix, so a mistake costs a moment, not a model load and a traceback."""
 import grp
 import os
 import resource
 
-from djinnd.model.loader import EMBEDDED
-from djinnd.model.presets import PRESETS
 from djinnd.server.listener import prepare_socket_path
 
 MiB = 2**20
@@ -16,9 +14,8 @@ class StartupError(RuntimeError):
     pass
 
 
-def check_all(config, path: str, socket_inherited: bool, cuda_available: bool):
-    check_model(config.model.model)
-    check_device(config.engine.device, cuda_available)
+def check_all(config, path: str, socket_inherited: bool):
+    """Everything that needs no torch: the socket, the group, /dev/shm, the open-file limit."""
     check_group(config.server.allowed_group)
     check_shm(config.memory.host_arena_mb)
     check_open_files(config.server.max_connections)
@@ -30,6 +27,8 @@ def check_all(config, path: str, socket_inherited: bool, cuda_available: bool):
 
 
 def check_model(name: str):
+    from djinnd.model.loader import EMBEDDED      # imports torch: run after check_all
+    from djinnd.model.presets import PRESETS
     if name.startswith("random:"):
         if name.split(":", 1)[1] not in PRESETS:
             raise StartupError(f"--model {name}: no such random preset; known: "
