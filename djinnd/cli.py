@@ -1,10 +1,13 @@
 """`djinnd` command line: a YAML file, then one flag per config key, generated from the dataclasses."""
 import argparse
 import logging
+import os
 import sys
 
-from djinnd import daemon
+from djinnd import preflight
 from djinnd.config import ConfigError, leaf_fields, load_config
+from djinnd.preflight import StartupError
+from libdjinn.paths import default_socket_path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,5 +31,12 @@ def main(argv=None):
     except (ConfigError, OSError) as e:
         print(f"djinnd: {e}", file=sys.stderr)
         return 2
-    daemon.run(config)
-    return 0
+    path = config.server.socket or default_socket_path()
+    inherited = os.environ.get("LISTEN_PID") == str(os.getpid()) and bool(os.environ.get("LISTEN_FDS"))
+    try:
+        preflight.check_all(config, path, inherited)    # before torch: a mistake shows in a moment
+        from djinnd import daemon
+        return daemon.run(config, path)
+    except StartupError as e:
+        print(f"djinnd: {e}", file=sys.stderr)
+        return 2

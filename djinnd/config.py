@@ -85,6 +85,14 @@ class ServerConfig:
     socket: str = ""              # empty: DJINN_SOCKET, $XDG_RUNTIME_DIR/djinn, or /run/djinn
     socket_mode: str = "0600"     # octal permissions of the socket file
     max_frame_bytes: int = 1 << 20
+    allowed_group: str = ""       # members of this group may connect too (with socket_mode 0660)
+    max_connections: int = 512    # more are answered with an error and closed
+    max_sessions_per_client: int = 256   # open sessions per connection
+    max_requests_per_client: int = 512   # requests awaiting their final reply, per connection
+    max_unread_reply_mb: float = 64.0    # reply bytes a client leaves unread before it is cut off
+    max_paused_per_client: int = 8       # sessions of one connection paused at a breakpoint at once
+    pause_timeout_s: float = 300.0       # a pause not resumed by then ends its request (TIMEOUT)
+    queue_timeout_s: float = 600.0       # a request waiting this long for KV blocks is refused
 
     def __post_init__(self):
         try:
@@ -93,6 +101,11 @@ class ServerConfig:
             mode = -1
         _require(0 <= mode <= 0o777, "socket_mode", f"must be octal like '0600', got {self.socket_mode!r}")
         _require(self.max_frame_bytes >= 1024, "max_frame_bytes", "must be >= 1024")
+        for key in ("max_connections", "max_sessions_per_client", "max_requests_per_client",
+                    "max_paused_per_client"):
+            _require(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("max_unread_reply_mb", "pause_timeout_s", "queue_timeout_s"):
+            _require(0 < getattr(self, key) < float("inf"), key, "must be a positive number")
 
 
 @dataclass(frozen=True)
@@ -128,7 +141,10 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
     values = {name: {} for name in sections()}
     if path:
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         _require(isinstance(data, dict), "<root>", "the file must hold a mapping of sections")
         for section, keys in data.items():
             _require(section in values, section, f"unknown section; known: {sorted(values)}")

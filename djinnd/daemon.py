@@ -1,7 +1,9 @@
 """djinnd: wires model, KV pool, engine thread and socket listener together, and tears them down."""
 import asyncio
 import logging
+import os
 import signal
+import sys
 
 import torch
 
@@ -13,9 +15,12 @@ from djinnd.memory.host_arena import HostArena, sweep_stale_segments
 from djinnd.model.flat_weights import pack_weights
 from djinnd.model.loader import load_model
 from djinnd.metrics import TimelineSampler
+from djinnd import preflight
+from djinnd.preflight import StartupError
 from djinnd.server.listener import Listener
-from djinnd.server.systemd import notify
-from libdjinn.paths import default_socket_path
+from djinnd.server.systemd import notify, watchdog_feeder
+
+EXIT_ENGINE_DIED = 70       # EX_SOFTWARE: systemd's Restart=on-failure brings the daemon back
 
 log = logging.getLogger("djinnd")
 
@@ -39,7 +44,10 @@ def build_engine(config) -> Engine:
     dtype = resolve_dtype(config.model.dtype, device)
     streaming = config.memory.weights_budget_mb > 0
     where = load_device(config.model.model, dtype, device) if streaming else device
-    loaded = load_model(config.model.model, config.model.seed, dtype, where)
+    try:
+        loaded = load_model(config.model.model, config.model.seed, dtype, where)
+    except Exception as e:
+        raise StartupError(f"--model {config.model.model}: cannot load it: {type(e).__name__}: {e}") from None
     if attach_streamer(loaded.model, config.memory, device) is None and where != device:
         loaded.model.to(device)       # it fits the budget after all
     loaded.flat_weights = pack_weights(loaded.model, config.model.export_weights)
@@ -52,29 +60,44 @@ def build_engine(config) -> Engine:
     return Engine(loaded, pool, arena, config, device)
 
 
-def run(config):
+def run(config, path: str) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the engine thread dies (EXIT_ENGINE_DIED).
+    Start-up mistakes raise StartupError before the model loads (cli.py ran preflight.check_all)."""
+    preflight.check_model(config.model.model)
+    preflight.check_device(config.engine.device, torch.cuda.is_available())
+    warning = preflight.memlock_warning(config.memory.pin_host_arena and config.engine.device != "cpu",
+                                        config.memory.host_arena_mb)
+    if warning and torch.cuda.is_available():
+        print(warning, file=sys.stderr, flush=True)
     engine = build_engine(config)
-    path = config.server.socket or default_socket_path()
     print(f"djinnd: model {engine.loaded.label} on {engine.device}, KV pool {engine.pool.num_blocks} "
           f"blocks of {engine.pool.block_size} tokens", flush=True)
-    asyncio.run(_serve(engine, config, path))
+    try:
+        return asyncio.run(_serve(engine, config, path))
+    finally:
+        sweep_stale_segments(pid=os.getpid())    # whatever a paused session or a crash path left
 
 
-async def _serve(engine: Engine, config, path: str):
+async def _serve(engine: Engine, config, path: str) -> int:
     listener = Listener(path, config, engine.inbox, engine.loaded)
     await listener.start()
+    stop, exit_code = asyncio.Event(), [0]
+    loop = asyncio.get_running_loop()
+
+    def engine_died():
+        exit_code[0] = EXIT_ENGINE_DIED
+        loop.call_soon_threadsafe(stop.set)
+    engine.on_death, engine.heartbeat = engine_died, watchdog_feeder()
     engine.start()
     sampler = TimelineSampler(engine.metrics, lambda: memory_probe(engine), config.memory.timeline_period_ms / 1e3)
     sampler.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"djinnd: listening on {path}", flush=True)
+    print(f"djinnd: listening on {listener.path}", flush=True)
     print("djinnd: ready", flush=True)
     notify("READY=1")
     await stop.wait()
-    print("djinnd: stopping", flush=True)
+    print("djinnd: stopping" if not exit_code[0] else "djinnd: the engine stopped; exiting", flush=True)
     notify("STOPPING=1")
     sampler.stop()
     engine.stop()
@@ -82,3 +105,4 @@ async def _serve(engine: Engine, config, path: str):
     engine.join()
     engine.arena.close()
     engine.close_weights()
+    return exit_code[0]

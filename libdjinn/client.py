@@ -11,7 +11,7 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from libdjinn.paths import default_socket_path
+from libdjinn.paths import default_socket_path, tmp_socket_path, untrusted_folder
 from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, decode_body, encode_frame
 from libdjinn.trace import Pause, Trace  # noqa: F401
 
@@ -30,11 +30,16 @@ class ContextOverflow(DjinnError): pass
 class NoCapacity(DjinnError): pass
 class BadRequest(DjinnError): pass
 class NotExported(DjinnError): pass
+class LimitReached(DjinnError): pass
+class DaemonUnavailable(DjinnError, ConnectionError): pass   # no daemon on the socket, or it went away
+class Timeout(DjinnError, TimeoutError): pass
 
 
 ERRORS = {ErrorCode.UNKNOWN_SESSION: UnknownSession, ErrorCode.NOT_OWNER: NotOwner,
           ErrorCode.CONTEXT_OVERFLOW: ContextOverflow, ErrorCode.NO_CAPACITY: NoCapacity,
-          ErrorCode.BAD_REQUEST: BadRequest, ErrorCode.NOT_EXPORTED: NotExported}
+          ErrorCode.BAD_REQUEST: BadRequest, ErrorCode.NOT_EXPORTED: NotExported, ErrorCode.LIMIT: LimitReached,
+          ErrorCode.UNAVAILABLE: DaemonUnavailable, ErrorCode.TIMEOUT: Timeout}
+DEFAULT_TIMEOUT_S = 900.0   # longest wait for the daemon's next reply (above its queue_timeout_s)
 
 
 def raise_for(reply: dict):
@@ -59,10 +64,10 @@ class TokenEvent:
 
 
 class Connection:
-    def __init__(self, path: str | None = None):
-        self.path = path or default_socket_path()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
+    def __init__(self, path: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S):
+        """timeout: seconds to wait for each reply of the daemon (None: forever)."""
+        self.path, self.timeout = path or default_socket_path(), timeout
+        self.sock = _connect(self.path)
         self._ids = itertools.count(1)
         self._pending: dict[int, queue.Queue] = {}
         self._lock = threading.Lock()
@@ -93,23 +98,42 @@ class Connection:
         return raise_for(last)
 
     def replies(self, kind: str, **fields):
-        """Yield replies to one request until its final one (result, done or error)."""
+        """Yield replies to one request until its final one (result, done or error). Left early
+        (break, an exception, a timeout), a generate is cancelled in the daemon."""
         rid, inbox = next(self._ids), queue.Queue()
-        with self._lock:
-            if self._closed:
-                raise ConnectionError(f"djinnd connection closed: {self._closed}")
-            self._pending[rid] = inbox
-            self.sock.sendall(encode_frame({"type": kind, "id": rid, **fields}))
+        self._send(rid, kind, fields, inbox)
+        finished = False
         try:
             while True:
-                reply = inbox.get()
+                try:
+                    reply = inbox.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise Timeout(ErrorCode.TIMEOUT, f"{kind}: no reply from djinnd at {self.path} within "
+                                  f"{self.timeout:g} s") from None
+                finished = isinstance(reply, Exception) or reply["type"] not in ("token", "paused")
                 if isinstance(reply, Exception):
                     raise reply
                 yield reply
-                if reply["type"] not in ("token", "paused"):   # streamed, more to come
+                if finished:
                     return
         finally:
             self._pending.pop(rid, None)
+            if not finished and kind == "generate":
+                self.cancel(fields["session"])
+
+    def cancel(self, session_id: int):
+        """End the session's request in flight, without waiting for the answer."""
+        with contextlib.suppress(DjinnError, OSError):
+            self._send(next(self._ids), "cancel", {"session": session_id}, None)
+
+    def _send(self, rid: int, kind: str, fields: dict, inbox):
+        with self._lock:
+            if self._closed:
+                raise DaemonUnavailable(ErrorCode.UNAVAILABLE, f"connection to djinnd at {self.path} is closed: "
+                                        f"{self._closed}")
+            if inbox is not None:
+                self._pending[rid] = inbox
+            self.sock.sendall(encode_frame({"type": kind, "id": rid, **fields}))
 
     def _read_loop(self):
         try:
@@ -125,7 +149,8 @@ class Connection:
             with self._lock:
                 self._closed = e
                 for inbox in list(self._pending.values()):
-                    inbox.put(e if isinstance(e, DjinnError) else ConnectionError(f"djinnd went away: {e}"))
+                    inbox.put(e if isinstance(e, DjinnError) else DaemonUnavailable(
+                        ErrorCode.UNAVAILABLE, f"djinnd at {self.path} went away: {e}"))
 
     def _recv(self, n: int) -> bytes:
         buf = bytearray()
@@ -177,10 +202,18 @@ class Session:
     def stream(self, prompt: str | None = None, *, prompt_ids=None, messages=None, **sampling):
         """Yield a TokenEvent per token as it is produced."""
         fields = self._generate_fields(prompt, prompt_ids, messages, sampling)
-        for reply in self.conn.replies("generate", stream=True, **fields):
-            raise_for(reply)
-            if reply["type"] == "token":
-                yield TokenEvent(reply["token"], reply["text"])
+        replies = self.conn.replies("generate", stream=True, **fields)
+        try:
+            for reply in replies:
+                raise_for(reply)
+                if reply["type"] == "token":
+                    yield TokenEvent(reply["token"], reply["text"])
+        finally:
+            replies.close()     # an abandoned stream is cancelled in the daemon
+
+    def cancel(self):
+        """End this session's request in flight (a stream or trace another thread is reading)."""
+        return self.conn.request("cancel", session=self.id)
 
     def trace(self, prompt: str | None = None, *, prompt_ids=None, messages=None, breakpoints=(), steps=(0,),
               **sampling) -> "Trace":
@@ -212,3 +245,24 @@ class Session:
     def _generate_fields(self, prompt, prompt_ids, messages, sampling) -> dict:
         fields = {"session": self.id, "prompt": prompt, "prompt_ids": prompt_ids, "messages": messages, **sampling}
         return {k: v for k, v in fields.items() if v is not None}
+
+
+def _connect(path: str) -> socket.socket:
+    """A connected socket, or a DaemonUnavailable naming the path and the likely fix."""
+    if path == tmp_socket_path() and (why := untrusted_folder(os.path.dirname(path))):
+        raise DaemonUnavailable(ErrorCode.PERMISSION_DENIED, f"refusing {path}: {why}; another user may "
+                                "control it. Remove the folder, or set DJINN_SOCKET or XDG_RUNTIME_DIR")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError, TimeoutError) as e:
+        sock.close()
+        fix = {FileNotFoundError: "no socket there: start djinnd (or `systemctl start djinnd.socket`), or "
+                                  "set DJINN_SOCKET to the daemon's socket",
+               ConnectionRefusedError: "nothing listens there: djinnd is not running",
+               PermissionError: "not allowed: ask to join the daemon's group (server.allowed_group)",
+               TimeoutError: "the daemon does not accept connections (overloaded?)"}[type(e)]
+        raise DaemonUnavailable(ErrorCode.UNAVAILABLE, f"cannot connect to djinnd at {path}: {fix}") from None
+    sock.settimeout(None)
+    return sock

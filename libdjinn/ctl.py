@@ -11,7 +11,7 @@ import sys
 import time
 
 from libdjinn import plots
-from libdjinn.client import Connection, DjinnError
+from libdjinn.client import Connection, DaemonUnavailable, DjinnError
 
 MiB = 2**20
 
@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     try:
         with Connection(args.socket) as conn:
             report = conn.request(args.command)
-    except (FileNotFoundError, ConnectionRefusedError) as e:
-        print(f"djinnctl: djinnd is not running ({e})", file=sys.stderr)
+    except DaemonUnavailable as e:
+        print(f"djinnctl: djinnd is not running ({e.message})", file=sys.stderr)
         return 3
     except DjinnError as e:
         print(f"djinnctl: {e}", file=sys.stderr)

@@ -28,7 +28,10 @@ class ErrorCode(enum.IntEnum):
     BUSY = 11              # the session already has a request in flight
     NO_TOKENIZER = 12      # text asked of a model that has no tokenizer
     INTERNAL = 13
-    NOT_EXPORTED = 14      # the daemon's weights cannot be attached (streamed, or export off)
+    TIMEOUT = 14           # a pause or a queued request waited past its limit, or the client gave up
+    LIMIT = 15             # a per-client limit (sessions, requests, pauses, connections) is reached
+    UNAVAILABLE = 16       # no daemon answers on the socket, or its engine stopped
+    NOT_EXPORTED = 17      # the daemon's weights cannot be attached (streamed, or export off)
 
 
 class ProtocolError(Exception):
@@ -62,6 +65,7 @@ REQUESTS = {
         "keep_tokens": (_INT, False),      # first cut the session's history to its first keep_tokens
     },
     "resume": {"session": (_INT, True), "shape": ((list,), False), "dtype": ((str,), False)},
+    "cancel": {"session": (_INT, True)},    # end the session's request in flight (finish_reason "cancelled")
     "status": {},
     "swaps": {},
     "timeline": {},

@@ -39,6 +39,9 @@ class Pause:
                 self.hidden.copy_(replacement)
         self.session.conn.request("resume", session=self.session.id, **fields)
         self.resumed = True
+        self.close()
+
+    def close(self):
         self._hidden = None
         self._mapped.close()
 
@@ -50,13 +53,19 @@ class Trace:
 
     def __iter__(self):
         from libdjinn.client import Generation, raise_for
-        for reply in self.session.conn.replies("generate", **self.fields):
-            raise_for(reply)
-            if reply["type"] == "paused":
-                pause = Pause(self.session, reply)
-                yield pause
-                if not pause.resumed:
-                    pause.resume()
-            elif reply["type"] == "done":
-                self.result = Generation(reply["text"], reply["tokens"], reply["finish_reason"],
-                                         reply["prompt_tokens"], reply["cached_tokens"])
+        replies, pause = self.session.conn.replies("generate", **self.fields), None
+        try:
+            for reply in replies:
+                raise_for(reply)
+                if reply["type"] == "paused":
+                    pause = Pause(self.session, reply)
+                    yield pause
+                    if not pause.resumed:
+                        pause.resume()
+                elif reply["type"] == "done":
+                    self.result = Generation(reply["text"], reply["tokens"], reply["finish_reason"],
+                                             reply["prompt_tokens"], reply["cached_tokens"])
+        finally:       # left early (break, exception): the daemon cancels the request and frees the pause
+            replies.close()
+            if pause is not None and not pause.resumed:
+                pause.close()

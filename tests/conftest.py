@@ -22,12 +22,12 @@ class Daemon:
         return self.proc.poll() is None
 
 
-def start_daemon(tmp_path, *flags, timeout=180) -> Daemon:
+def start_daemon(tmp_path, *flags, timeout=180, entry=("-m", "djinnd"), **popen) -> Daemon:
     sock = str(tmp_path / "run" / "djinnd.sock")
     log_path = str(tmp_path / "djinnd.log")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "djinnd", "--socket", sock, "--device", "cpu", *flags],
-                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, *entry, "--socket", sock, "--device", "cpu", *flags],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, **popen)
     daemon = Daemon(sock, proc, log_path)
     deadline = time.time() + timeout
     while "djinnd: ready" not in daemon.log():

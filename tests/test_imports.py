@@ -8,7 +8,7 @@ LAYERS = [  # lowest first
     {"djinnd.model", "djinnd.memory"},
     {"djinnd.engine"},
     {"djinnd.server"},
-    {"djinnd.daemon", "djinnd.cli", "djinnd.__main__"},
+    {"djinnd.daemon", "djinnd.cli", "djinnd.__main__", "djinnd.preflight"},
 ]
 
 

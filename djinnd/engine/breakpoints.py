@@ -8,7 +8,7 @@ paged like an idle session's); metadata is rebuilt at resume, since paging may m
 import time
 from dataclasses import dataclass, field
 
-from djinnd.memory.activations import DTYPE_NAMES, ActivationSegment
+from djinnd.memory.activations import DTYPE_NAMES, ActivationSegment, SegmentError
 from djinnd.session import KVPlace, Session, SessionState
 from libdjinn.protocol import ErrorCode
 
@@ -26,6 +26,7 @@ class PausedForward:
     segment: ActivationSegment
     step: int
     resumed_at: float | None = None
+    hidden: object = None      # copied out of the segment at resume
     paused_at: float = field(default_factory=time.perf_counter)
 
 
@@ -49,7 +50,7 @@ class BreakpointRunner:
             return self.runner.sample_next([s], h, meta)[0]
         copied = time.perf_counter()
         segment = ActivationSegment(h.shape, h.dtype)
-        segment.tensor.copy_(h)                 # device -> shared memory: the handoff
+        segment.write(h)                        # device -> shared memory: the handoff
         self.metrics.observe_ms("breakpoint_handoff_out", (time.perf_counter() - copied) * 1e3)
         s.paused = PausedForward(pending[0], pending[1:], segment, step)
         s.change_state(SessionState.PAUSED)
@@ -67,6 +68,10 @@ class BreakpointRunner:
         if dtype is not None and dtype != want_dtype:
             raise BreakpointError(ErrorCode.BAD_REQUEST, f"resume: hidden states of dtype {dtype}; "
                                   f"session {s.id} is paused with {want_dtype}")
+        try:
+            p.hidden = p.segment.read()        # copied now: the client can no longer change it under us
+        except SegmentError as e:
+            raise BreakpointError(ErrorCode.BAD_REQUEST, f"resume: {e}; session {s.id} stays paused") from None
         p.resumed_at = time.perf_counter()
 
     def resumed(self, sessions) -> list[Session]:
@@ -77,7 +82,7 @@ class BreakpointRunner:
         if s.kv is KVPlace.HOST and not self._bring_back(s):
             return None
         p = s.paused
-        hidden = p.segment.tensor.to(self.runner.device, copy=True)   # shared memory -> device
+        hidden = p.hidden.to(self.runner.device)   # copied out of shared memory at resume
         self.metrics.observe_ms("breakpoint_resume", (time.perf_counter() - p.resumed_at) * 1e3)
         self.discard(s)
         s.change_state(SessionState.RUNNING)

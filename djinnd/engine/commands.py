@@ -57,6 +57,14 @@ class Resume:
 
 
 @dataclass
+class Cancel:
+    """End the session's request in flight; the session is left as it was before that request."""
+    owner: int
+    session: int
+    reply: Reply
+
+
+@dataclass
 class ReleaseOwner:
     """A connection closed (or its process died): free every session it opened."""
     owner: int

@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 
+from djinnd.engine import aborts
 from djinnd.engine import commands as cmd
 from djinnd.engine.runner import Runner
 from djinnd.engine.breakpoints import BreakpointError, BreakpointRunner, check_layers
@@ -20,6 +21,8 @@ from djinnd.session import KVPlace, Phase, Request, Session, SessionState
 from libdjinn.protocol import ErrorCode
 
 log = logging.getLogger("djinnd.engine")
+MAX_FAULTS_IN_A_ROW = 100   # past this the engine is broken, not unlucky: die so systemd restarts us
+STALLED_STEPS = 20          # ~20 ms of steps that change nothing before the loop waits on its inbox
 
 
 class EngineError(Exception):
@@ -52,6 +55,13 @@ class Engine:
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
+        self.limits = config.server
+        self.heartbeat = lambda: None     # the daemon feeds the systemd watchdog from here
+        self.on_death = lambda: None      # the daemon exits non-zero when the engine thread stops
+        self.dead = False
+        self._next_expiry = 0.0
+        self._step_faults = 0
+        self._stalled_steps = 0               # steps in a row that changed nothing
 
     # ---- thread ---------------------------------------------------------------------------
     def start(self):
@@ -66,18 +76,77 @@ class Engine:
         self._thread.join(timeout)
 
     def run(self):
-        while not self._stop.is_set():
-            self.pager.poll()
-            next_prefetch = self.pager.tick()
-            idle = not self._has_work()
-            self._drain(timeout=(0.001 if self.pager.busy() else min(next_prefetch or 0.5, 0.5)) if idle else 0)
-            if self._has_work():
+        """The loop, with one fault boundary around every iteration. A fault in a step fails the
+        requests of that step; a fault elsewhere (pager, inbox) fails none. If the loop ever ends
+        other than by stop(), every request in flight gets an error and on_death stops the daemon."""
+        faults = 0
+        try:
+            while not self._stop.is_set():
                 try:
-                    self.step()
-                except Exception as e:     # a bug must never stop the engine thread
-                    log.exception("engine step failed")
-                    self.metrics.inc("engine_step_errors")
-                    self._fail_running(e)
+                    self._iterate()
+                    faults = 0
+                except Exception:
+                    faults += 1
+                    log.exception("engine iteration failed (%d in a row)", faults)
+                    self.metrics.inc("engine_iteration_errors")
+                    if faults >= MAX_FAULTS_IN_A_ROW:
+                        raise
+        finally:
+            self._exit()
+
+    def _iterate(self):
+        self.heartbeat()
+        self.pager.poll()
+        next_prefetch = self.pager.tick()
+        if time.monotonic() >= self._next_expiry:
+            self._next_expiry = time.monotonic() + 0.1
+            aborts.expire(self)
+        self._drain(self._wait_s(next_prefetch))
+        if self._has_work():
+            self._guarded_step()
+
+    def _wait_s(self, next_prefetch: float | None) -> float:
+        """How long to wait for a command: long when idle; a little when work has been stuck for a
+        while (a held pause, a full pool under `none`), so waiting work never spins the CPU."""
+        if self.pager.busy():
+            return 0.001 if not self._has_work() or self._stalled_steps >= STALLED_STEPS else 0
+        if not self._has_work():
+            return min(next_prefetch or 0.5, 0.5)
+        return min(next_prefetch or 0.05, 0.05) if self._stalled_steps >= STALLED_STEPS else 0
+
+    def _guarded_step(self):
+        """One step; a fault fails the requests of that step, and a queue head whose admission
+        fails twice in a row."""
+        before = self._progress()
+        try:
+            self.step()
+            self._step_faults = 0
+        except Exception as e:     # a bug must never stop the engine thread
+            log.exception("engine step failed")
+            self.metrics.inc("engine_step_errors")
+            self._fail_running(e)
+            self._step_faults += 1
+            if self._step_faults >= 2 and self.scheduler.waiting:
+                self._abort(self.scheduler.waiting[0], cmd.Failed(
+                    ErrorCode.INTERNAL, f"admission failed: {type(e).__name__}: {e}"))
+        self._stalled_steps = self._stalled_steps + 1 if self._progress() == before else 0
+
+    def _progress(self) -> tuple:
+        return (len(self.scheduler.waiting), len(self.scheduler.running), self.pool.num_free,
+                len(self.pager.swapper.in_flight), self.metrics.counters.get("tokens_generated"),
+                self.metrics.counters.get("breakpoint_pauses"))
+
+    def _exit(self):
+        for s in self.sessions.values():      # no activation segment outlives the engine
+            self.breaks.discard(s)
+        if self._stop.is_set():
+            return
+        self.dead = True
+        log.critical("the engine thread stopped; the daemon exits")
+        for reply in list(self.replies.values()):
+            reply(cmd.Failed(ErrorCode.UNAVAILABLE, "the daemon's engine stopped; it is restarting"))
+        self.replies.clear()
+        self.on_death()
 
     def _has_work(self) -> bool:
         return (self.scheduler.has_work() or bool(self.breaks.resumed(self.scheduler.running))
@@ -99,7 +168,7 @@ class Engine:
                 cmd.OpenSession: self._open, cmd.CloseSession: self._close,
                 cmd.Generate: self._generate, cmd.SetPhase: self._set_phase,
                 cmd.ReleaseOwner: self._release_owner, cmd.Status: self._status,
-                cmd.Resume: self._resume,
+                cmd.Resume: self._resume, cmd.Cancel: self._cancel,
                 cmd.AttachWeights: self._attach_weights, cmd.DetachWeights: self._detach_weights,
                 cmd.GhostForward: self._ghost_forward, cmd.ModelConfig: self._model_config,
             }[type(c)](c)
@@ -176,6 +245,8 @@ class Engine:
         bad_layers = check_layers(c.params.breakpoints, self.loaded.model.args.num_layers)
         if bad_layers:
             raise EngineError(ErrorCode.BAD_REQUEST, bad_layers)
+        if c.params.breakpoints and (why := aborts.pause_limit_reached(self, c.owner)):
+            raise EngineError(ErrorCode.LIMIT, why)
         self.pager.truncate(s, keep)
         s.tokens.extend(c.prompt_ids)
         s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
@@ -188,6 +259,13 @@ class Engine:
         s = self._owned(c.owner, c.session)
         self.breaks.resume(s, c.shape, c.dtype)
         c.reply(cmd.Result({"session": s.id, "resumed": True}))
+
+    def _cancel(self, c: cmd.Cancel):
+        cancelled = aborts.cancel(self, self._owned(c.owner, c.session))
+        c.reply(cmd.Result({"session": c.session, "cancelled": cancelled}))
+
+    def _abort(self, s: Session, event):
+        aborts.abort(self, s, event)
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
@@ -225,7 +303,7 @@ class Engine:
         except Exception as e:
             log.exception("%s forward failed", kind)
             for s in sessions:
-                self._end(s, None, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
+                self._abort(s, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
             return
         self.metrics.inc(f"{kind}_s", time.perf_counter() - started)
         self.metrics.inc(f"{kind}_steps")
@@ -268,8 +346,8 @@ class Engine:
 
     def _fail_running(self, error: Exception):
         """After a failed step, end the batch's requests with an error rather than retry forever."""
-        for s in [s for s in self.scheduler.running if s.state is SessionState.RUNNING]:
-            self._end(s, None, cmd.Failed(ErrorCode.INTERNAL, f"step failed: {type(error).__name__}: {error}"))
+        for s in [s for s in self.scheduler.running if s.state is SessionState.RUNNING and s.request]:
+            self._abort(s, cmd.Failed(ErrorCode.INTERNAL, f"step failed: {type(error).__name__}: {error}"))
 
     def _refuse(self, refused: list):
         for s, why in refused:

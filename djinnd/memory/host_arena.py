@@ -1,6 +1,8 @@
 """HostArena: swapped-out KV blocks live here, in POSIX shared memory named for this daemon.
 
-On CUDA the mapping is page-locked with cudaHostRegister in chunks on a background thread
+Names carry the pid (for the stale sweep) and a random suffix, and are created exclusively, 0600.
+The daemon checks /dev/shm's free space against the arena before it starts (preflight.py); pages
+are not reserved up front (that would commit the whole arena at start). On CUDA the mapping is page-locked with cudaHostRegister in chunks on a background thread
 (registering costs ~0.8 s per GB), so start-up is not blocked; copies to a chunk not yet pinned
 are merely slower. Segments are unlinked on close and, after a crash, at the next start.
 """
@@ -9,6 +11,7 @@ import math
 import mmap
 import os
 import re
+import secrets
 import threading
 import time
 import weakref
@@ -23,7 +26,7 @@ _serial = itertools.count()
 
 
 def segment_name(pid: int) -> str:
-    return f"/{SEGMENT_PREFIX}{pid}-kv{next(_serial)}"
+    return f"/{SEGMENT_PREFIX}{pid}-kv{next(_serial)}-{secrets.token_hex(12)}"
 
 
 def _unlink(name: str):
@@ -46,14 +49,26 @@ def _release(name: str, mapping, pinned: list, pin_thread):
     _unlink(name)
 
 
-def sweep_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
-    """Unlink the segments of djinnd processes that no longer exist."""
+def sweep_stale_segments(shm_dir: str = "/dev/shm", pid: int | None = None) -> list[str]:
+    """Unlink our uid's segments of djinnd processes that no longer exist (or, given `pid`, of that
+    process: the daemon's own at exit). Never fails: a segment that vanishes or is not ours stays."""
     removed = []
-    for name in os.listdir(shm_dir) if os.path.isdir(shm_dir) else []:
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
         m = re.fullmatch(rf"{SEGMENT_PREFIX}(\d+)-.+", name)
-        if m and not _pid_alive(int(m.group(1))):
-            os.unlink(os.path.join(shm_dir, name))
-            removed.append(name)
+        if not m or (int(m.group(1)) != pid if pid is not None else _pid_alive(int(m.group(1)))):
+            continue
+        path = os.path.join(shm_dir, name)
+        try:
+            st = os.lstat(path)
+            if st.st_uid == os.getuid() and os.path.isfile(path):
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            pass
     return removed
 
 

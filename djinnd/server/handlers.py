@@ -3,7 +3,9 @@
 Runs on the server's event loop; engine events arrive from the engine thread through `relay`.
 Ownership is checked by the engine (a session remembers the connection that opened it).
 """
+import math
 import os
+from collections import Counter
 
 from djinnd.engine import commands as cmd
 from djinnd.server.text import ChatState, Detokenizer, chat_record_reply, chat_turn, check_messages
@@ -11,34 +13,88 @@ from djinnd.session import SamplingParams
 from libdjinn.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, encode_frame, error_reply
 
 
+FINAL = ("result", "done", "error")
+MAX_NEW_TOKENS = 1 << 20
+MAX_BREAKPOINT_ITEMS = 4096
+MAX_EXPECTED_S = 1e7
+REPORTS = ("status", "swaps", "timeline")
+MAX_REPORTS_IN_FLIGHT = 8     # reports are large: a client pipelining them must read them first
+
+
 class Connection:
-    def __init__(self, conn_id: int, pid: int, writer, inbox, loaded, loop):
+    def __init__(self, conn_id: int, pid: int, writer, inbox, loaded, loop, uid: int | None = None, limits=None):
         self.id, self.pid, self.writer, self.inbox, self.loop = conn_id, pid, writer, inbox, loop
         self.tokenizer, self.label = loaded.tokenizer, loaded.label
         self.tokenizer_dir = loaded.tokenizer_dir
+        self.limits = limits                    # config.server: per-client caps
+        self.sees_all = uid in (0, os.getuid())  # status shows other clients' sessions only to these
         self.greeted = False
         self.chats: dict[int, ChatState] = {}
+        self.sessions: set[int] = set()         # opened here and not closed
+        self.opening = 0                        # open_session requests in flight
+        self.pending: Counter = Counter()       # request id -> requests awaiting their final reply
+        self.reports = 0                        # status/swaps/timeline awaiting their reply
+        self.on_overflow = None                 # called once the client leaves too much unread
 
-    def send(self, message: dict):
-        if not self.writer.is_closing():
-            self.writer.write(encode_frame(message))
+    def send(self, message: dict, counted: bool = True):
+        """counted: the message answers a request handle() counted (False: refused before that)."""
+        if counted and message.get("type") in FINAL and self.pending.get(message.get("id")):
+            self.pending[message["id"]] -= 1
+            if not self.pending[message["id"]]:
+                del self.pending[message["id"]]
+        if self.writer.is_closing():
+            return
+        self.writer.write(encode_frame(message))
+        unread = self.writer.transport.get_write_buffer_size()
+        if self.limits and unread > self.limits.max_unread_reply_mb * 2**20 and self.on_overflow:
+            self.on_overflow(unread)
 
     def relay(self, on_event):
         """A reply callable for the engine thread: runs on_event on this loop."""
         return lambda event: self.loop.call_soon_threadsafe(on_event, event)
 
     def handle(self, kind: str, rid: int, fields: dict):
+        """Dispatch one checked request; every request counted here gets exactly one final reply."""
+        self.pending[rid] += 1
         if not self.greeted and kind != "hello":
             raise ProtocolError(ErrorCode.BAD_VERSION, "the first request must be hello")
+        cap = self.limits.max_requests_per_client if self.limits else None
+        if cap and sum(self.pending.values()) > cap:
+            raise ProtocolError(ErrorCode.LIMIT, f"{kind}: {cap} requests of this connection already await "
+                                "their reply (server.max_requests_per_client); read replies before sending more")
+        if kind in REPORTS:
+            self._check_reports(kind)
         getattr(self, f"_on_{kind}")(rid, fields)
 
+    def _check_reports(self, kind: str):
+        if self.reports >= MAX_REPORTS_IN_FLIGHT:
+            raise ProtocolError(ErrorCode.LIMIT, f"{kind}: {MAX_REPORTS_IN_FLIGHT} reports of this connection "
+                                "await their reply; read them before asking for more")
+
+    def _report(self, rid: int, filter_rows=False):
+        """A reply callable for status/swaps/timeline, counted against MAX_REPORTS_IN_FLIGHT."""
+        self.reports += 1
+        answer = self._answer(rid)
+
+        def on_event(event):
+            self.reports -= 1
+            if filter_rows and isinstance(event, cmd.Result) and not self.sees_all:
+                event = cmd.Result({**event.payload, "sessions": [
+                    row for row in event.payload.get("sessions", []) if row["id"] in self.sessions]})
+            answer(event)
+        return self.relay(on_event)
+
     def _simple(self, rid: int):
+        return self.relay(self._answer(rid))
+
+    def _answer(self, rid: int):
+        """Sends the final reply; runs on this loop."""
         def on_event(event):
             if isinstance(event, cmd.Failed):
                 self.send(error_reply(rid, event.code, event.message))
             else:
                 self.send({"type": "result", "id": rid, **event.payload})
-        return self.relay(on_event)
+        return on_event
 
     def _on_hello(self, rid, f):
         if f["version"] != PROTOCOL_VERSION:
@@ -50,27 +106,45 @@ class Connection:
                    "tokenizer_dir": self.tokenizer_dir})
 
     def _on_open_session(self, rid, f):
-        self.inbox.put(cmd.OpenSession(self.id, self.pid, self._simple(rid)))
+        cap = self.limits.max_sessions_per_client if self.limits else None
+        if cap and len(self.sessions) + self.opening >= cap:
+            raise ProtocolError(ErrorCode.LIMIT, f"open_session: this connection has {cap} sessions open "
+                                "(server.max_sessions_per_client); close one first")
+        self.opening += 1
+        answer = self._answer(rid)
+
+        def on_event(event):
+            self.opening -= 1
+            if isinstance(event, cmd.Result):
+                self.sessions.add(event.payload["session"])
+            answer(event)
+        self.inbox.put(cmd.OpenSession(self.id, self.pid, self.relay(on_event)))
 
     def _on_close_session(self, rid, f):
         self.chats.pop(f["session"], None)
+        if f["session"] in self.sessions:
+            self.sessions.discard(f["session"])
         self.inbox.put(cmd.CloseSession(self.id, f["session"], self._simple(rid)))
 
+    def _on_cancel(self, rid, f):
+        self.inbox.put(cmd.Cancel(self.id, f["session"], self._simple(rid)))
+
     def _on_set_phase(self, rid, f):
-        self.inbox.put(cmd.SetPhase(self.id, f["session"], f["phase"], f.get("expected_s"), self._simple(rid),
+        expected_s = number(f, "expected_s", None, 0, MAX_EXPECTED_S)
+        self.inbox.put(cmd.SetPhase(self.id, f["session"], f["phase"], expected_s, self._simple(rid),
                                     tool=f.get("tool")))
 
     def _on_resume(self, rid, f):
         self.inbox.put(cmd.Resume(self.id, f["session"], f.get("shape"), f.get("dtype"), self._simple(rid)))
 
     def _on_status(self, rid, f):
-        self.inbox.put(cmd.Status(self._simple(rid)))
+        self.inbox.put(cmd.Status(self._report(rid, filter_rows=True)))
 
     def _on_swaps(self, rid, f):
-        self.inbox.put(cmd.Status(self._simple(rid), "swaps"))
+        self.inbox.put(cmd.Status(self._report(rid), "swaps"))
 
     def _on_timeline(self, rid, f):
-        self.inbox.put(cmd.Status(self._simple(rid), "timeline"))
+        self.inbox.put(cmd.Status(self._report(rid), "timeline"))
 
     def _on_model_config(self, rid, f):
         self.inbox.put(cmd.ModelConfig(self._simple(rid)))
@@ -137,23 +211,52 @@ class Connection:
 
 
 def sampling_params(f: dict) -> SamplingParams:
-    p = SamplingParams(max_new_tokens=f.get("max_new_tokens", 64), temperature=float(f.get("temperature", 0.0)),
-                       top_p=float(f.get("top_p", 1.0)), seed=f.get("seed"), ignore_eos=bool(f.get("ignore_eos")),
-                       breakpoints=parse_breakpoints(f.get("breakpoints") or []))
-    if p.max_new_tokens < 1:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: max_new_tokens must be >= 1")
-    if p.temperature < 0 or not 0 < p.top_p <= 1:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: temperature must be >= 0 and top_p in (0, 1]")
-    return p
+    """Every sampling field checked here, so one request's bad values never reach a batch."""
+    temperature = number(f, "temperature", 0.0, 0, 100)
+    if 0 < temperature < 1e-3:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"generate: temperature {temperature} is too small; "
+                            "use 0 (greedy) or a value in [0.001, 100]")
+    top_p = number(f, "top_p", 1.0, 0, 1)
+    if top_p <= 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: top_p must be in (0, 1]")
+    return SamplingParams(max_new_tokens=integer(f, "max_new_tokens", 64, 1, MAX_NEW_TOKENS),
+                          temperature=temperature, top_p=top_p, seed=integer(f, "seed", None, 0, 2**63 - 1),
+                          ignore_eos=bool(f.get("ignore_eos")),
+                          breakpoints=parse_breakpoints(f.get("breakpoints") or []))
+
+
+def number(f: dict, key: str, default, low: float, high: float):
+    """A finite number in [low, high]; None or absent gives the default."""
+    value = f.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {key!r} must be a finite number in [{low}, {high}], "
+                            f"got {value!r}")
+    return float(value)
+
+
+def integer(f: dict, key: str, default, low: int, high: int):
+    value = f.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"field {key!r} must be an integer in [{low}, {high}], "
+                            f"got {value!r}")
+    return value
 
 
 def parse_breakpoints(items: list) -> list:
     """[{"layer": L, "steps": [..] | "all"}] -> [(L, set of steps or None)]; steps default to [0]."""
     out = []
+    if len(items) > MAX_BREAKPOINT_ITEMS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"generate: at most {MAX_BREAKPOINT_ITEMS} breakpoints")
     for b in items:
         steps = b.get("steps", [0]) if isinstance(b, dict) else None
-        ok = isinstance(b, dict) and isinstance(b.get("layer"), int) and (
-            steps == "all" or isinstance(steps, list) and all(isinstance(x, int) and x >= 0 for x in steps))
+        ok = isinstance(b, dict) and _plain_int(b.get("layer")) and (
+            steps == "all" or isinstance(steps, list) and len(steps) <= MAX_BREAKPOINT_ITEMS
+            and all(_plain_int(x) and x >= 0 for x in steps))
         if not ok:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "generate: each breakpoint is {'layer': int, "
                                 "'steps': list of forward numbers (0 = the prompt) or 'all'}")
@@ -169,3 +272,7 @@ def check_input_ids(rows) -> list[list[int]]:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "forward: input_ids must be [[token, ...], ...]: "
                             "non-empty rows of ints, all of one length (no padding)")
     return rows
+
+
+def _plain_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,51 @@
+"""djinnd with one injected fault, for the reliability tests: `python tests/fault_daemon.py FAULT
+<djinnd flags>`. The fault is the only change; everything else is the real daemon."""
+import sys
+
+from djinnd import cli
+
+
+class InjectedDeath(BaseException):
+    """Escapes every `except Exception`: stands for a bug that kills the engine thread."""
+
+
+def prefetch_fails_once():
+    from djinnd.memory.swapper import Swapper
+    original, fired = Swapper.swap_in, []
+
+    def swap_in(self, session, host_runs, device_blocks, cause, after=()):
+        if cause == "prefetch" and not fired:
+            fired.append(1)
+            raise RuntimeError("injected fault: swap_in on the prefetch path")
+        return original(self, session, host_runs, device_blocks, cause, after)
+    Swapper.swap_in = swap_in
+
+
+def io_wait_kills_engine():
+    from djinnd.engine.pager import Pager
+    original = Pager.on_phase
+
+    def on_phase(self, s, phase, expected_s):
+        if phase.value == "IO_WAIT":
+            raise InjectedDeath("injected: the engine thread dies")
+        return original(self, s, phase, expected_s)
+    Pager.on_phase = on_phase
+
+
+def forward_fails_on_marker():
+    """A forward fails when it feeds token 499 (a marker in the test's prompt)."""
+    from djinnd.engine.runner import Runner
+    original = Runner.run
+
+    def run(self, sessions):
+        if any(499 in s.tokens[s.num_cached:] for s in sessions):
+            raise RuntimeError("injected fault: forward failed")
+        return original(self, sessions)
+    Runner.run = run
+
+
+FAULTS = {"prefetch": prefetch_fails_once, "die": io_wait_kills_engine, "forward": forward_fails_on_marker}
+
+if __name__ == "__main__":
+    FAULTS[sys.argv[1]]()
+    sys.exit(cli.main(sys.argv[2:]))
