@@ -53,7 +53,7 @@ class GhostForwards:
     def _publish(self, owner: int, logits: torch.Tensor) -> dict:
         self.release(owner)
         segment = ActivationSegment(logits.shape, torch.float32)
-        segment.tensor.copy_(logits)           # device -> shared memory (synchronizes before the blocks go back)
+        segment.write(logits)                  # device -> shared memory (synchronizes before the blocks go back)
         self.segments[owner] = segment
         return segment.descriptor()
 

@@ -88,7 +88,7 @@ class FlatWeights:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()  # the unpacked copies go back to the driver before the KV pool is sized
         self.layout = self._layout(model)
-        self.cuda_ipc = list(self.buffer.untyped_storage()._share_cuda_()) if self.device.type == "cuda" else None
+        self.cuda_ipc = None      # made at the first attach: an IPC handle pins the buffer for the process's life
 
     def _layout(self, model) -> list:
         """[name, byte offset, shape, dtype] per HF-named tensor (q/k/v, gate/up are row slices)."""
@@ -104,6 +104,8 @@ class FlatWeights:
         """What an attaching process needs to map the buffer: kind, and the segment or IPC handle."""
         if self.shm:
             return {"kind": "shm", "segment": self.shm.name}
+        if self.cuda_ipc is None:
+            self.cuda_ipc = list(self.buffer.untyped_storage()._share_cuda_())
         return {"kind": "cuda_ipc", "ipc": self.cuda_ipc}
 
     def close(self):
