@@ -13,11 +13,11 @@ def prefetch_fails_once():
     from djinnd.memory.swapper import Swapper
     original, fired = Swapper.swap_in, []
 
-    def swap_in(self, session, host_runs, device_blocks, cause, after=()):
+    def swap_in(self, session, host_runs, device_blocks, cause, *args, **kwargs):
         if cause == "prefetch" and not fired:
             fired.append(1)
             raise RuntimeError("injected fault: swap_in on the prefetch path")
-        return original(self, session, host_runs, device_blocks, cause, after)
+        return original(self, session, host_runs, device_blocks, cause, *args, **kwargs)
     Swapper.swap_in = swap_in
 
 
@@ -25,23 +25,23 @@ def io_wait_kills_engine():
     from djinnd.engine.pager import Pager
     original = Pager.on_phase
 
-    def on_phase(self, s, phase, expected_s):
+    def on_phase(self, s, phase, *args, **kwargs):
         if phase.value == "IO_WAIT":
             raise InjectedDeath("injected: the engine thread dies")
-        return original(self, s, phase, expected_s)
+        return original(self, s, phase, *args, **kwargs)
     Pager.on_phase = on_phase
 
 
 def forward_fails_on_marker():
     """A forward fails when it feeds token 499 (a marker in the test's prompt)."""
     from djinnd.engine.runner import Runner
-    original = Runner.run
+    original = Runner.forward
 
-    def run(self, sessions):
-        if any(499 in s.tokens[s.num_cached:] for s in sessions):
+    def forward(self, chunks, *args, **kwargs):
+        if any(499 in s.tokens[s.num_cached:s.num_cached + n] for s, n in chunks):
             raise RuntimeError("injected fault: forward failed")
-        return original(self, sessions)
-    Runner.run = run
+        return original(self, chunks, *args, **kwargs)
+    Runner.forward = forward
 
 
 FAULTS = {"prefetch": prefetch_fails_once, "die": io_wait_kills_engine, "forward": forward_fails_on_marker}

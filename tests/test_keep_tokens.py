@@ -1,9 +1,11 @@
 """generate(keep_tokens=k): the session first cuts its history to k tokens, frees the KV past them,
 then continues; the tokens equal a fresh session fed the same ids."""
+import time
+
 import pytest
 
 import libdjinn
-from conftest import random_prompts
+from conftest import random_prompts, start_daemon, stop_daemon
 
 TINY_VOCAB = 512
 GREEDY = {"max_new_tokens": 6, "ignore_eos": True}
@@ -39,13 +41,25 @@ def test_truncated_continuation_equals_a_fresh_session(tiny_daemon):
         assert turn1.tokens                                        # turn 1 ran normally
 
 
-def test_truncation_of_a_swapped_out_session(tiny_daemon):
+@pytest.fixture(scope="module")
+def evicting_daemon(tmp_path_factory):
+    """evict_low_water 1: an IO_WAIT session's KV leaves for the host arena at once (between steps)."""
+    d = start_daemon(tmp_path_factory.mktemp("evicting"), "--model", "random:tiny", "--kv-cache-mb", "4",
+                     "--evict-low-water", "1")
+    yield d
+    stop_daemon(d)
+
+
+def test_truncation_of_a_swapped_out_session(evicting_daemon):
     first, second = random_prompts(TINY_VOCAB, [35, 4], seed=12)
-    with libdjinn.connect(tiny_daemon.socket) as djinn:
+    with libdjinn.connect(evicting_daemon.socket) as djinn:
         s = djinn.session()
         s.generate(prompt_ids=first, **GREEDY)
-        s.signal_phase("IO_WAIT")                 # semantic policy: the KV goes to the host arena
-        assert session_row(djinn, s.id)["kv_where"] in ("host", "->host")
+        s.signal_phase("IO_WAIT")
+        deadline = time.time() + 10
+        while session_row(djinn, s.id)["kv_where"] not in ("host", "->host"):
+            assert time.time() < deadline, "the IO_WAIT session was not evicted"
+            time.sleep(0.02)
         turn2 = s.generate(prompt_ids=second, keep_tokens=20, **GREEDY)
         assert turn2.cached_tokens == 20
         assert turn2.tokens == fresh_tokens(djinn, first[:20] + second)

@@ -22,7 +22,8 @@ from djinnd.model.presets import build_random
 from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, encode_frame
 
 FAULTS = ("tests/fault_daemon.py",)
-TINY = ("--model", "random:tiny", "--kv-cache-mb", "4", "--host-arena-mb", "16")
+# evict_low_water 1: IO_WAIT sessions leave the device at once (between steps), as these tests expect
+TINY = ("--model", "random:tiny", "--kv-cache-mb", "4", "--host-arena-mb", "16", "--evict-low-water", "1")
 IS_ROOT = os.geteuid() == 0
 
 
@@ -70,6 +71,13 @@ def final(s: socket.socket, rid: int) -> dict:
             return reply
 
 
+def wait_until(condition, timeout=10.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
 # ---- finding 1 and 7: injected faults -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
@@ -84,8 +92,8 @@ def test_pager_fault_on_the_prefetch_path_hangs_nobody(faults, hf_tiny):
     with libdjinn.connect(faults.socket, timeout=30) as djinn:
         s = djinn.session()
         out = s.generate(prompt_ids=first, max_new_tokens=4, ignore_eos=True).tokens
-        s.signal_phase("IO_WAIT", expected_s=0.05)     # evicted; the timed prefetch fails (injected)
-        time.sleep(0.5)
+        s.signal_phase("IO_WAIT", expected_s=0.5)      # evicted; the timed prefetch fails (injected)
+        time.sleep(1.0)
         status = djinn.status()                          # was: never answered
         assert status["counters"]["engine_iteration_errors"] >= 1
         assert djinn.session().generate(prompt_ids=other, max_new_tokens=5, ignore_eos=True).tokens == \
@@ -214,7 +222,8 @@ def test_leaving_a_trace_early_frees_the_session(limited, hf_tiny):
         out = s.generate(prompt_ids=p, max_new_tokens=3, ignore_eos=True).tokens
         for bp in s.trace(prompt_ids=q, breakpoints=[1], max_new_tokens=6):
             s.signal_phase("IO_WAIT")             # the paused session's KV goes to the host arena
-            assert next(r for r in djinn.status()["sessions"] if r["id"] == s.id)["kv_where"] in ("host", "->host")
+            wait_until(lambda: next(r for r in djinn.status()["sessions"] if r["id"] == s.id)["kv_where"]
+                       in ("host", "->host"))
             break                                 # cancelled while swapped out (the soak found this)
         assert s.generate(prompt_ids=q, max_new_tokens=4, ignore_eos=True).tokens == \
             hf_greedy(hf_tiny, q + hf_greedy(hf_tiny, q, 4) + p + out + q, 4)

@@ -204,6 +204,7 @@ class Engine:
         self.scheduler.drop(s)
         self.breaks.discard(s)
         self.runner.forget(s.id)
+        s.request = None          # a decode step still in flight drops its token for this session
         self.metrics.inc("sessions_closed")
 
     def _release_owner(self, c: cmd.ReleaseOwner):
@@ -309,7 +310,7 @@ class Engine:
         self.metrics.inc(f"{kind}_steps")
         self.metrics.inc("prompt_tokens" if kind == "prefill" else "decode_tokens", num_tokens)
         for s, token in results:
-            if token is not None:
+            if token is not None and s.request is not None:   # a request may end on an earlier token here
                 self._append(s, token)
 
     def _after_forward(self, s: Session, token: int | None):
