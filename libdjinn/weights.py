@@ -104,6 +104,10 @@ def _open_cuda_ipc(reply: dict):
     """One cudaIpcOpenMemHandle for the whole flat buffer (torch keeps the handle's refcount)."""
     import torch
     device, handle, size, offset, ref_handle, ref_offset, event, event_sync = reply["ipc"]
+    # The raw open does not set up CUDA itself: in a process that has not touched the GPU yet it
+    # crashed (SIGSEGV in bench_attach's attached processes, H100, 2026-11-23).
+    torch.cuda.init()
+    torch.cuda.set_device(device)
     storage = torch.UntypedStorage._new_shared_cuda(device, handle, size, offset, ref_handle, ref_offset,
                                                     event, event_sync)
     flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}").set_(storage)

@@ -19,7 +19,8 @@ import torch
 import libdjinn
 from conftest import ROOT, hf_greedy, hf_reference, random_prompts, start_daemon, stop_daemon
 from djinnd.model.presets import build_random
-from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, encode_frame
+from libdjinn.protocol import PROTOCOL_VERSION, ErrorCode, encode_frame
+from test_daemon import read_frame
 
 FAULTS = ("tests/fault_daemon.py",)
 # evict_low_water 1: IO_WAIT sessions leave the device at once (between steps), as these tests expect
@@ -37,19 +38,6 @@ def prompts(*lengths, seed=0):
 
 
 # ---- raw frames ---------------------------------------------------------------------------------
-def read_frame(s: socket.socket) -> dict:
-    def recv(n):
-        buf = b""
-        while len(buf) < n:
-            chunk = s.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("closed")
-            buf += chunk
-        return buf
-    (size,) = HEADER.unpack(recv(HEADER.size))
-    return msgpack.unpackb(recv(size))
-
-
 def greeted(path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
