@@ -116,6 +116,23 @@ def test_completions_models_stop_strings(front, direct):
     assert cut.choices[0].text == expected[:expected.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_a_turn_cut_at_a_stop_string_can_be_continued(front, direct):
+    """Regression: a cancelled (stop-string) turn rolls the daemon session back, and the front
+    recorded it as still holding the turn, so the next turn asked to keep tokens it no longer had."""
+    tok = tokenizer(direct)
+    messages = [{"role": "user", "content": "Name three colors."}]
+    full = tok.decode(direct_reply(direct, chat_ids(tok, messages), 16), skip_special_tokens=True)
+    stop = full.split()[2]
+    cut = front.client.chat.completions.create(model="djinn", messages=messages, max_tokens=16, temperature=0,
+                                               stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    messages += [{"role": "assistant", "content": cut.choices[0].message.content},
+                 {"role": "user", "content": "And two more?"}]
+    turn2 = front.client.chat.completions.create(model="djinn", messages=messages, max_tokens=8, temperature=0)
+    expected = direct_reply(direct, chat_ids(tok, messages), 8)
+    assert turn2.choices[0].message.content == tok.decode(expected, skip_special_tokens=True)
+
+
 def test_tool_conversation_reuses_history_and_pages_by_phase(front, direct):
     tok = tokenizer(direct)
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]

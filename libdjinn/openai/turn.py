@@ -136,7 +136,10 @@ class Turn:
 
     def _record(self):
         tokens = self.done.get("tokens")
-        held = None if tokens is None else self.ids + tokens
+        if self.done.get("finish_reason") == "cancelled":
+            held = self.ids[:self.keep]     # a cancelled request leaves the session's history as before it
+        else:
+            held = None if tokens is None else self.ids + tokens
         if held is not None and self.conv.tool_wait:
             self.front.enter_io_wait(self.conv)        # now that it is idle, its KV can move
         self.front.release(self.conv, held, self.reply_start)
