@@ -34,7 +34,7 @@ def run(task: str, socket_path: str | None, max_new_tokens: int, tool_seconds: f
         session = djinn.session()
         first = session.chat(f"{task} Think about which calculation is needed.", max_new_tokens=max_new_tokens)
         expression = re.search(r"\d[\d\s.+\-*/()]*\d", task).group(0)
-        with session.tool_call(expected_s=tool_seconds):     # the daemon may page our KV out meanwhile
+        with session.tool_call(expected_s=tool_seconds, tool="calculator"):   # our KV may be paged out meanwhile
             time.sleep(tool_seconds)                          # a real tool would be slow I/O
             result = calculator(expression)
         final = session.chat(f"The calculator says {expression} = {result}. State the answer in one sentence.",

@@ -111,9 +111,9 @@ def test_a_session_without_hints_is_prefetched_once_the_daemon_has_seen_two_of_i
                 with s.tool_call():                    # no expected_s: the daemon learns this session's
                     called = time.monotonic()
                     filler = djinn.session()           # someone else needs the room meanwhile
-                    filler.generate(prompt_ids=random_prompts(TINY_VOCAB, [80], seed=i)[0], max_new_tokens=10)
+                    filler.generate(prompt_ids=random_prompts(TINY_VOCAB, [82], seed=i)[0], max_new_tokens=2)
                     filler.close()
-                    time.sleep(max(0.0, called + 1.2 - time.monotonic()))     # every call takes 1.2 s
+                    time.sleep(max(0.0, called + 1.5 - time.monotonic()))     # every call takes 1.5 s
                 s.generate(prompt_ids=[5], max_new_tokens=4, ignore_eos=True)
             swaps, status = djinn.request("swaps"), djinn.status()
             with pytest.raises(libdjinn.BadRequest, match="expected_s"):
