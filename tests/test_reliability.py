@@ -10,7 +10,6 @@ import threading
 import time
 import pathlib
 
-import msgpack
 import posix_ipc
 import psutil
 import pytest
