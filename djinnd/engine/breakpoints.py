@@ -8,15 +8,10 @@ paged like an idle session's); metadata is rebuilt at resume, since paging may m
 import time
 from dataclasses import dataclass, field
 
+from djinnd.engine.commands import EngineError
 from djinnd.memory.activations import DTYPE_NAMES, ActivationSegment, SegmentError
 from djinnd.session import KVPlace, Session, SessionState
 from libdjinn.protocol import ErrorCode
-
-
-class BreakpointError(Exception):
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass
@@ -60,18 +55,18 @@ class BreakpointRunner:
         """Mark s to continue; a hidden tensor of the wrong shape or dtype keeps it paused."""
         p = s.paused
         if s.state is not SessionState.PAUSED or p.resumed_at is not None:
-            raise BreakpointError(ErrorCode.BAD_REQUEST, f"session {s.id} is not paused")
+            raise EngineError(ErrorCode.BAD_REQUEST, f"session {s.id} is not paused")
         want_shape, want_dtype = list(p.segment.shape), DTYPE_NAMES[p.segment.dtype]
         if shape is not None and list(shape) != want_shape:
-            raise BreakpointError(ErrorCode.BAD_REQUEST, f"resume: hidden states of shape {list(shape)}; "
+            raise EngineError(ErrorCode.BAD_REQUEST, f"resume: hidden states of shape {list(shape)}; "
                                   f"session {s.id} is paused with shape {want_shape}")
         if dtype is not None and dtype != want_dtype:
-            raise BreakpointError(ErrorCode.BAD_REQUEST, f"resume: hidden states of dtype {dtype}; "
+            raise EngineError(ErrorCode.BAD_REQUEST, f"resume: hidden states of dtype {dtype}; "
                                   f"session {s.id} is paused with {want_dtype}")
         try:
             p.hidden = p.segment.read()        # copied now: the client can no longer change it under us
         except SegmentError as e:
-            raise BreakpointError(ErrorCode.BAD_REQUEST, f"resume: {e}; session {s.id} stays paused") from None
+            raise EngineError(ErrorCode.BAD_REQUEST, f"resume: {e}; session {s.id} stays paused") from None
         p.resumed_at = time.perf_counter()
 
     def resumed(self, sessions) -> list[Session]:

@@ -12,6 +12,14 @@ from djinnd.session import SamplingParams
 Reply = Callable[[object], None]
 
 
+class EngineError(Exception):
+    """A request the engine refuses: answered with Failed(code, message), never a crash."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 @dataclass
 class OpenSession:
     owner: int

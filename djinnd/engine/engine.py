@@ -8,13 +8,14 @@ import time
 
 from djinnd.engine import aborts
 from djinnd.engine import commands as cmd
+from djinnd.engine.commands import EngineError
 from djinnd.engine.runner import Runner
-from djinnd.engine.breakpoints import BreakpointError, BreakpointRunner, check_layers
-from djinnd.engine.ghost_forward import GhostError, GhostForwards
+from djinnd.engine.breakpoints import BreakpointRunner, check_layers
+from djinnd.engine.ghost_forward import GhostForwards
 from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
-from djinnd.engine.weights_export import ExportError, WeightExports
+from djinnd.engine.weights_export import WeightExports
 from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
 from djinnd.session import KVPlace, Phase, Request, Session, SessionState
@@ -23,12 +24,6 @@ from libdjinn.protocol import ErrorCode
 log = logging.getLogger("djinnd.engine")
 MAX_FAULTS_IN_A_ROW = 100   # past this the engine is broken, not unlucky: die so systemd restarts us
 STALLED_STEPS = 20          # ~20 ms of steps that change nothing before the loop waits on its inbox
-
-
-class EngineError(Exception):
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class Engine:
@@ -172,7 +167,7 @@ class Engine:
                 cmd.AttachWeights: self._attach_weights, cmd.DetachWeights: self._detach_weights,
                 cmd.GhostForward: self._ghost_forward, cmd.ModelConfig: self._model_config,
             }[type(c)](c)
-        except (EngineError, BreakpointError, ExportError, GhostError) as e:
+        except EngineError as e:
             c.reply(cmd.Failed(e.code, e.message))
         except Exception as e:  # a bug must cost one request, never the daemon
             log.exception("command %s failed", type(c).__name__)

@@ -5,15 +5,10 @@ forward and freed when the connection closes.
 """
 import torch
 
+from djinnd.engine.commands import EngineError
 from djinnd.memory.activations import ActivationSegment
 from djinnd.session import Session
 from libdjinn.protocol import ErrorCode
-
-
-class GhostError(Exception):
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class GhostForwards:
@@ -35,14 +30,14 @@ class GhostForwards:
     def _check(self, rows: list[list[int]]):
         vocab, total = self.runner.model.args.vocab_size, sum(len(r) for r in rows)
         if any(not 0 <= t < vocab for r in rows for t in r):
-            raise GhostError(ErrorCode.BAD_REQUEST,
+            raise EngineError(ErrorCode.BAD_REQUEST,
                              f"forward: input_ids hold a token outside the vocabulary (0..{vocab - 1})")
         if len(rows[0]) > self.max_model_len or total > self.max_tokens:
-            raise GhostError(ErrorCode.CONTEXT_OVERFLOW, f"forward: {len(rows)} x {len(rows[0])} tokens; the limit is "
+            raise EngineError(ErrorCode.CONTEXT_OVERFLOW, f"forward: {len(rows)} x {len(rows[0])} tokens; the limit is "
                              f"{self.max_model_len} per row and {self.max_tokens} in all")
         need = sum(self.pool.blocks_for(len(r)) for r in rows)
         if not self.pool.can_allocate(need):
-            raise GhostError(ErrorCode.NO_CAPACITY, f"forward: {total} tokens need {need} KV blocks; "
+            raise EngineError(ErrorCode.NO_CAPACITY, f"forward: {total} tokens need {need} KV blocks; "
                              f"{self.pool.num_free} of {self.pool.num_blocks} are free now (retry, or send fewer)")
 
     @torch.inference_mode()

@@ -7,14 +7,9 @@ alive while anyone is attached; a client that dies is detached when its connecti
 import time
 from dataclasses import dataclass, field
 
+from djinnd.engine.commands import EngineError
 from djinnd.model.flat_weights import LAYOUT_VERSION, FlatWeights
 from libdjinn.protocol import ErrorCode
-
-
-class ExportError(Exception):
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass
@@ -31,7 +26,7 @@ class WeightExports:
 
     def attach(self, owner: int, pid: int, writable: bool) -> dict:
         if writable:
-            raise ExportError(ErrorCode.BAD_REQUEST, "attach_weights: the weights are read-only for "
+            raise EngineError(ErrorCode.BAD_REQUEST, "attach_weights: the weights are read-only for "
                               "attached processes; a writable attach is refused (copy what you change)")
         flat = self._exported()
         self.attachments.setdefault(owner, Attachment(pid, flat.nbytes))
@@ -41,11 +36,11 @@ class WeightExports:
     def _exported(self) -> FlatWeights:
         flat = self.loaded.flat_weights
         if self.loaded.model.streamer is not None:
-            raise ExportError(ErrorCode.NOT_EXPORTED, "attach_weights: the model is streamed through a ring "
+            raise EngineError(ErrorCode.NOT_EXPORTED, "attach_weights: the model is streamed through a ring "
                               "buffer (weights exceed the weight budget), so its weights are not resident to share")
         if not isinstance(flat, FlatWeights):
             why = flat.reason if flat is not None else "the weights were never packed into one buffer"
-            raise ExportError(ErrorCode.NOT_EXPORTED, f"attach_weights: this daemon exports no weights: {why}")
+            raise EngineError(ErrorCode.NOT_EXPORTED, f"attach_weights: this daemon exports no weights: {why}")
         return flat
 
     def detach(self, owner: int) -> bool:
