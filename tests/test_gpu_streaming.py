@@ -9,11 +9,12 @@ from conftest import random_prompts
 from djinnd.config import load_config
 from djinnd.daemon import build_engine
 from djinnd.engine.local import LocalClient
-from djinnd.session import Session
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
+
+from experiments.exp2_streaming import prompt_logits  # noqa: E402  (logits after a prefill, outside any session)
 
 MODEL = "random:llama-2-7b"      # 12.6 GiB in float16: layers of 386 MiB, so copies take real time
 
@@ -21,17 +22,6 @@ MODEL = "random:llama-2-7b"      # 12.6 GiB in float16: layers of 386 MiB, so co
 def engine_for(**overrides):
     return build_engine(load_config(None, {"model": MODEL, "device": "cuda", "dtype": "float16",
                                            "kv_cache_mb": 1024.0, "max_num_seqs": 8, **overrides}))
-
-
-@torch.inference_mode()
-def prompt_logits(engine, prompt) -> torch.Tensor:
-    """Logits [vocab] after a prefill of `prompt`, through the runner's prefill path."""
-    s = Session(10**9, 0, 0, tokens=list(prompt))
-    s.block_table = engine.pool.allocate(engine.pool.blocks_for(len(prompt)))
-    h, meta = engine.runner.forward([(s, len(prompt))])
-    logits = engine.loaded.model.logits(h[meta.last_token_index])[0]
-    engine.pool.free(s.block_table)
-    return logits
 
 
 def run(engine, prompts):
