@@ -28,6 +28,9 @@ def agent_measure(sock: str, tokens: int) -> dict:
     """Attach, build the HF model, forward, compare with the daemon; then make an own copy as baseline."""
     import torch
 
+    started = time.perf_counter()
+    import transformers.models.llama.modeling_llama  # noqa: F401  (a one-off per process, timed apart)
+    import_ms = (time.perf_counter() - started) * 1e3
     from libdjinn.weights import hf_model
     torch.zeros(1, device="cuda")                        # the CUDA context, before anything is measured
     free = [torch.cuda.mem_get_info()[0]]
@@ -48,7 +51,7 @@ def agent_measure(sock: str, tokens: int) -> dict:
     free.append(torch.cuda.mem_get_info()[0])
     del copy
     diff = (mine - theirs).abs()
-    return {"attach_ms": attach_ms, "hf_model_ms": model_ms, "weights_bytes": w.nbytes,
+    return {"attach_ms": attach_ms, "hf_model_ms": model_ms, "transformers_import_ms": import_ms, "weights_bytes": w.nbytes,
             "attach_adds_bytes": free[0] - free[1], "forward_adds_bytes": free[1] - free[2],
             "own_copy_adds_bytes": free[2] - free[3], "max_allocated_bytes": torch.cuda.max_memory_allocated(),
             "logits_max_abs_diff": diff.max().item(), "logits_scale": theirs.abs().max().item(),
@@ -184,6 +187,7 @@ def print_table(r: dict, a):
         ("weights exported (one IPC handle)", f"{m['weights_bytes'] / GiB:.2f} GiB"),
         ("attach_weights() (connect excluded)", f"{m['attach_ms']:.1f} ms"),
         ("hf_model() on the attached tensors", f"{m['hf_model_ms']:.1f} ms"),
+        ("import transformers (once per process, not in the above)", f"{m.get('transformers_import_ms', 0):.0f} ms"),
         ("GPU memory attach + hf_model adds", f"{m['attach_adds_bytes'] / 2**20:.0f} MiB"),
         (f"GPU memory a {a.tokens}-token forward adds", f"{m['forward_adds_bytes'] / 2**20:.0f} MiB"),
         ("GPU memory an own copy adds (baseline)", f"{m['own_copy_adds_bytes'] / GiB:.2f} GiB"),
