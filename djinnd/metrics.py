@@ -55,6 +55,7 @@ class Metrics:
                   "recent": [asdict(r) | {"gb_per_s": r.gb_per_s} for r in list(self.swaps)[-recent:]]}
         if with_samples:
             report["all_ms"] = {d: [r.ms for r in self.swaps if r.direction == d] for d in ("out", "in")}
+            report["latency_samples_ms"] = {k: list(v) for k, v in self.latency.items()}
         return report
 
 

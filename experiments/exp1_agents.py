@@ -112,28 +112,32 @@ def main(argv=None) -> dict:
     else:
         result = run_exp1(a)
         report.print_exp1(result)
-    with open(a.out, "w") as fh:
-        json.dump(result, fh)
+    save(a, result)
     print(f"\nwrote {a.out}")
     return result
 
 
 def run_exp1(a) -> dict:
     shape = workload(a, max(a.sizes))
-    print(f"model {a.model} on {a.device}: {shape['kv_bytes_per_token'] / 2**10:.0f} KiB of KV per token; "
-          f"{max(a.sizes)} agents hold {shape['total_kv_bytes'] / 2**30:.2f} GiB of KV in all; "
-          f"KV pool capped at {shape['kv_cache_mb']:.1f} MiB "
-          f"({shape['total_kv_bytes'] / (shape['kv_cache_mb'] * 2**20):.1f}x oversubscribed)", flush=True)
-    rows = []
-    for n in a.sizes:
-        agents = jobs(a, n, shape["vocab"])
-        names = a.policy_list + (["resident"] if a.resident else [])
-        rows += [run_policy(a, shape, policy, agents) for policy in names]
-        if a.hf:
-            rows.append(run_hf(a, shape, agents))
-    report.compare_tokens(rows)
-    return {**stamp(), "experiment": 1, "args": {k: v for k, v in vars(a).items()}, "workload": shape,
-            "rows": rows, "largest_n_meeting_slo": report.largest_n(rows)}
+    pool = shape["kv_cache_mb"] * 2**20
+    print(f"model {a.model} on {a.device}: {shape['kv_bytes_per_token'] / 2**10:.0f} KiB of KV per token, "
+          f"{shape['agent_tokens']} tokens per agent; KV pool capped at {shape['kv_cache_mb']:.1f} MiB; all agents' "
+          f"KV is " + ", ".join(f"{n * shape['total_kv_bytes'] / max(a.sizes) / pool:.1f}x the pool at N={n}"
+                                for n in a.sizes), flush=True)
+    sets = [jobs(a, n, shape["vocab"]) for n in a.sizes]
+    result = {**stamp(), "experiment": 1, "args": {k: v for k, v in vars(a).items()}, "workload": shape, "rows": []}
+    for policy in a.policy_list + (["resident"] if a.resident else []):
+        result["rows"] += run_policy(a, shape, policy, sets)
+        save(a, result)                 # a run cut short keeps what it measured
+    if a.hf:            # where one process per agent runs out of memory needs one N only
+        result["rows"].append(run_hf(a, shape, sets[0]))
+    report.compare_tokens(result["rows"])
+    return result | {"largest_n_meeting_slo": report.largest_n(result["rows"])}
+
+
+def save(a, result: dict):
+    with open(a.out, "w") as fh:
+        json.dump(result, fh)
 
 
 if __name__ == "__main__":

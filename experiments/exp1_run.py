@@ -14,6 +14,7 @@ from libdjinn import plots
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 2**20
+BLOCK = 16          # tokens per KV block (djinnd's default block_size)
 
 
 def workload(a, n: int) -> dict:
@@ -23,7 +24,7 @@ def workload(a, n: int) -> dict:
     elem = 4 if a.dtype == "float32" or (a.dtype == "auto" and not a.device.startswith("cuda")) else 2
     per_token = 2 * preset.num_layers * preset.num_kv_heads * preset.head_dim * elem
     agent_tokens = a.context + (a.turns - 1) * a.growth + a.turns * a.new_tokens
-    total = n * agent_tokens * per_token
+    total = n * -(-agent_tokens // BLOCK) * BLOCK * per_token         # whole KV blocks
     pool_mb = a.kv_cache_mb or max(total / a.oversubscribe, 2.2 * agent_tokens * per_token) / MiB  # 2 agents at least
     return {"kv_bytes_per_token": per_token, "agent_tokens": agent_tokens, "total_kv_bytes": total,
             "kv_cache_mb": pool_mb, "host_arena_mb": 1.1 * max(0.0, total / MiB - pool_mb) + 16,   # what is swapped
@@ -55,20 +56,35 @@ def parse(out: str) -> dict:
         return {"error": "crashed"}
 
 
-def run_policy(a, shape: dict, policy: str, agents: list[dict]) -> dict:
-    pool_mb = shape["kv_cache_mb"] if policy != "resident" else 1.1 * shape["total_kv_bytes"] / MiB + 1
-    daemon, sock = start_daemon(*daemon_flags(a, shape, "none" if policy == "resident" else policy, pool_mb))
+def run_policy(a, shape: dict, policy: str, agent_sets: list[list[dict]]) -> list[dict]:
+    """One daemon per policy; the sweep's agent sets run on it one after another (each set starts
+    when the last one's agents are gone). One row per set, from the daemon's counters before and after."""
+    pool_mb = shape["kv_cache_mb"] if policy != "resident" else shape["total_kv_bytes"] / MiB + 16
     try:
-        started = time.time()
-        results = spawn_at("exp1_agent.py", lambda job: [sock, json.dumps(job)], agents)
+        daemon, sock = start_daemon(*daemon_flags(a, shape, "none" if policy == "resident" else policy, pool_mb))
+    except RuntimeError as e:        # e.g. a resident pool larger than the device
+        return [report.not_run(policy, len(agents), str(e)) for agents in agent_sets]
+    rows = []
+    try:
         with libdjinn.connect(sock) as djinn:
-            status, swaps = djinn.status(), djinn.request("swaps")
-            timeline = djinn.request("timeline")["timeline"]
+            for agents in agent_sets:
+                before, started = observe(djinn), time.time()
+                results = spawn_at("exp1_agent.py", lambda job: [sock, json.dumps(job)], agents)
+                after = observe(djinn)
+                png = f"{os.path.splitext(a.out)[0]}_{policy}_n{len(agents)}.png"
+                timeline = [t for t in after["timeline"] if t["t"] >= started]
+                plots.plot_timeline(timeline, png, title=f"policy {policy}, {len(agents)} agents")
+                rows.append(report.row(policy, len(agents), started, results, before, after, timeline, a.slo_ms)
+                            | {"timeline_png": png})
     finally:
         stop_daemon(daemon)
-    png = f"{os.path.splitext(a.out)[0]}_{policy}_n{len(agents)}.png"
-    plots.plot_timeline(timeline, png, title=f"policy {policy}, {len(agents)} agents")
-    return report.row(policy, len(agents), started, results, status, swaps, a.slo_ms) | {"timeline_png": png}
+    return rows
+
+
+def observe(djinn) -> dict:
+    status, swaps = djinn.status(), djinn.request("swaps")
+    return {"counters": status["counters"], "memory": status["memory"],
+            "latency": swaps["latency_samples_ms"], "timeline": djinn.request("timeline")["timeline"]}
 
 
 def run_hf(a, shape: dict, agents: list[dict]) -> dict:
@@ -76,7 +92,7 @@ def run_hf(a, shape: dict, agents: list[dict]) -> dict:
     base = {"preset": shape["preset"], "device": a.device}
     started = time.time()
     results = spawn_at("exp1_hf_agent.py", lambda job: [json.dumps(base | job)], agents)
-    return report.row("hf-per-agent", len(agents), started, results, None, None, a.slo_ms)
+    return report.row("hf-per-agent", len(agents), started, results, None, None, [], a.slo_ms)
 
 
 def run_exp3(a) -> dict:
