@@ -78,6 +78,7 @@ class Session:
     prefetch_at: float | None = None                # semantic: when to bring the KV back (monotonic s)
     expected_back: float | None = None              # IO_WAIT: when the tool is expected back (monotonic s)
     io_wait_since: float | None = None              # IO_WAIT: when the tool call began (to learn durations)
+    hinted: bool = False                            # IO_WAIT: the agent said how long (expected_s)
     tool: str | None = None                         # IO_WAIT: the tool's name, if the agent gave one
     transfers: list = field(default_factory=list)   # copies in flight that touch this session's KV
     prefetched: bool = False                        # KV came back by prefetch since the last request

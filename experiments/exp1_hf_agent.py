@@ -19,8 +19,10 @@ def load(preset: str, device: str, dtype):
 
     from djinnd.model.presets import PRESETS
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**PRESETS[preset].to_hf()))
-    model = model.to_empty(device=device).to(dtype)
+        model = LlamaForCausalLM(LlamaConfig(**PRESETS[preset].to_hf())).to(dtype)
+    model = model.to_empty(device=device)          # the weights in their dtype only, never fp32 first
+    rotary = model.model.rotary_emb                # to_empty left its frequencies unset
+    model.model.rotary_emb = type(rotary)(config=model.config).to(device)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)

@@ -41,7 +41,7 @@ class Pager:
         estimate = expected_s if expected_s is not None else self.durations.estimate(s.id, tool)
         if expected_s is None and estimate is not None:
             self.metrics.inc("tool_durations_estimated")
-        s.io_wait_since, s.tool = now, tool
+        s.io_wait_since, s.tool, s.hinted = now, tool, expected_s is not None
         s.expected_back = None if estimate is None else now + estimate
         s.prefetch_at = None if estimate is None else now + max(0.0, estimate - self._lead_s(s))
 
@@ -53,6 +53,7 @@ class Pager:
         if s.io_wait_since is not None:
             self.durations.observe(s.id, s.tool, now - s.io_wait_since)
         s.io_wait_since = s.expected_back = s.prefetch_at = s.tool = None
+        s.hinted = False
 
     def tick(self) -> float | None:
         """Background work between steps, never a wait: start the prefetches that are due and keep
@@ -66,8 +67,9 @@ class Pager:
                 soonest = s.prefetch_at - now
                 break
             if not self.prefetch(s, "prefetch"):
-                soonest = RETRY_S   # the ones due later could only take from sessions due later still
-                break
+                soonest = RETRY_S
+                if s.hinted:        # the ones due later could only take from sessions due later still
+                    break
         self._evict_lazily(now)
         return soonest
 
@@ -104,14 +106,17 @@ class Pager:
     def prefetch(self, s: Session, cause: str, due: float | None = None) -> bool:
         """Bring s's KV back before its request comes. Room comes from free blocks no queued request
         needs, then from sessions due back later than s (or idle ones), whose blocks it takes at once:
-        the copy in waits for their copies out on the device, never on the host. False: no room."""
+        the copy in waits for their copies out on the device, never on the host. A return the daemon
+        only guessed (a learned duration) takes free room only: evicting on a guess doubles the
+        copies whenever the guess is early. False: no room."""
         n = sum(length for _, length in s.host_runs)
         if s.kv is not KVPlace.HOST or s.state is not SessionState.IDLE:
             return True
         spare = max(0, min(n, self.pool.num_free - self._reserved()))
         due = policies.returns_at(s) if due is None else due
-        taken, after = self._take_blocks(policies.prefetch_victims(self.sessions.values(), s, n - spare, due),
-                                         n - spare)
+        guess = cause == "prefetch" and not s.hinted
+        victims = [] if guess else policies.prefetch_victims(self.sessions.values(), s, n - spare, due)
+        taken, after = self._take_blocks(victims, n - spare)
         if spare + len(taken) < n:
             if after:
                 after[-1].free_device += taken
