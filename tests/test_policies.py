@@ -8,11 +8,16 @@ import torch
 
 import libdjinn
 from conftest import hf_greedy, hf_reference, random_prompts, start_daemon, stop_daemon
+from djinnd.engine.pager import Pager
+from djinnd.memory.host_arena import HostArena
 from djinnd.memory.policies import ToolDurations, eviction_order, prefetch_victims
+from djinnd.memory.swapper import Swapper
+from djinnd.metrics import Metrics
 from djinnd.model.presets import build_random
-from djinnd.session import Phase, Session, SessionState
+from djinnd.session import KVPlace, Phase, Session, SessionState
 from experiments import exp1_agents
 from test_daemon import TINY_VOCAB
+from test_scheduler import pool_of
 
 
 def session(id, phase=Phase.ACTIVE, back=None, used=0.0, blocks=2, state=SessionState.IDLE):
@@ -56,6 +61,38 @@ def test_tool_durations_need_two_calls_prefer_the_tool_and_stay_bounded():
     for i in range(20):
         d.observe(100 + i, f"tool{i}", 1.0)
     assert len(d.samples) <= 8
+
+
+@pytest.mark.parametrize("hinted", [True, False])
+def test_a_full_pool_makes_room_for_a_prefetch_the_agent_announced_not_for_one_the_daemon_guessed(hinted):
+    """Evicting on a guess doubles the copies whenever the guess is early: a learned return
+    prefetches into free room only, an announced one (expected_s) evicts a session due back later."""
+    pool = pool_of(4)
+    arena = HostArena(8, pool.host_block_shape, torch.float32, pin=False)
+    pager = Pager("semantic", pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
+    away, later, idle = (session(i, blocks=0) for i in (1, 2, 3))
+    for s in (away, later, idle):
+        s.block_table, s.tokens, s.num_cached = pool.allocate(2) if s is not idle else [], list(range(8)), 8
+        pager.sessions[s.id] = s
+    pager.durations.observe(away.id, "search", 0.0)
+    pager.durations.observe(away.id, "search", 0.0)        # learned: "search" returns at once
+    pager.on_phase(away, Phase.IO_WAIT, 0.0 if hinted else None, "search")
+    pager.on_phase(later, Phase.IO_WAIT, 100.0)
+    assert pager.evict(away, "pressure")
+    pager.poll()
+    idle.block_table = pool.allocate(2)                    # someone else takes the room meanwhile
+    assert pool.num_free == 0 and away.kv is KVPlace.HOST and away.prefetch_at <= time.monotonic()
+    pager.tick()
+    pager.poll()
+    if hinted:
+        assert away.kv is KVPlace.DEVICE and len(away.block_table) == 2 and later.kv is KVPlace.HOST
+    else:
+        assert away.kv is KVPlace.HOST and later.kv is KVPlace.DEVICE and idle.kv is KVPlace.DEVICE
+        assert pager.metrics.counters["prefetches_deferred"] == 1
+        pool.free(idle.block_table)                        # room appears: the guess may use it
+        idle.block_table = []
+        pager.tick()
+        assert away.kv is KVPlace.DEVICE and later.kv is KVPlace.DEVICE
 
 
 def exp1(tmp_path, *flags):
