@@ -11,6 +11,7 @@ import yaml
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 POLICIES = ("semantic", "lru", "recompute", "none")
 ATTENTION = ("auto", "triton", "torch")
+ADMISSION = ("program", "fifo")
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # most prompt tokens fed in one step (longer prompts go in chunks)
     attention: str = "auto"       # decode attention: auto (Triton kernel on CUDA), triton or torch
     cuda_graphs: bool = True      # capture the decode step in CUDA graphs (false: eager, for debugging)
+    admission: str = "program"    # waiting requests in order of their session's age (program), or arrival (fifo)
 
     def __post_init__(self):
         ok = self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"
@@ -78,6 +80,7 @@ class EngineConfig:
         _require(self.max_num_seqs > 0, "max_num_seqs", "must be > 0")
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         _require(self.attention in ATTENTION, "attention", f"must be one of {ATTENTION}, got {self.attention!r}")
+        _require(self.admission in ADMISSION, "admission", f"must be one of {ADMISSION}, got {self.admission!r}")
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,16 @@ def test_finish_keeps_the_blocks_its_tokens_use():
     sched.finish(s)
     assert len(s.block_table) == 2 and pool.num_free == 6 and s.state is SessionState.IDLE
     pool.check_integrity([s.block_table])
+
+
+def test_a_request_queues_behind_older_sessions_only_unless_fifo():
+    """First come first served between programs: an agent back from its tool call (an older
+    session) goes ahead of first prompts that arrived since; fifo keeps arrival order."""
+    for admission, order in (("program", [1, 2, 3, 4]), ("fifo", [3, 4, 1, 2])):
+        pool = pool_of(4)
+        arena = HostArena(0, pool.host_block_shape, torch.float32, pin=False)
+        pager = Pager("none", pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
+        sched = Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100, admission=admission)
+        for sid in (3, 4, 1, 2):            # two new agents' first prompts, then two resumed turns
+            sched.add(waiting_session(sid, 40, 4))
+        assert [s.id for s in sched.waiting] == order

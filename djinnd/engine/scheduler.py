@@ -1,5 +1,9 @@
-"""Scheduler: who runs next. Waiting sessions are admitted FIFO as KV blocks allow, asking the
-pager to make room (evict per policy) or to bring a swapped session's KV back. A step decodes one
+"""Scheduler: who runs next. Waiting sessions are admitted in order as KV blocks allow, asking the
+pager to make room (evict per policy) or to bring a swapped session's KV back. The order is first
+come first served between programs (`admission: program`): a request queues behind those of
+older sessions only, so an agent back from a tool call does not wait behind the first prompts of
+agents that arrived after it; each session has one request at a time, so the wait is bounded by
+the older sessions' work. `fifo` orders by the request's own arrival. A step decodes one
 token for every running session whose prompt is done and feeds prefilling sessions chunks of
 their prompts within a token budget, so a long prompt never stalls the sessions decoding (chunked
 prefill). Work that can never get room is refused, never left to hang."""
@@ -16,8 +20,8 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.pool, self.pager = pool, pager
+    def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int, admission: str = "program"):
+        self.pool, self.pager, self.by_program = pool, pager, admission == "program"
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Session] = deque()
@@ -35,6 +39,13 @@ class Scheduler:
     def add(self, s: Session):
         s.change_state(SessionState.WAITING)
         self.waiting.append(s)
+        if self.by_program:         # session ids grow with age; usually s is the youngest already
+            i = len(self.waiting) - 1
+            while i > 0 and self.waiting[i - 1].id > s.id:
+                i -= 1
+            if i < len(self.waiting) - 1:
+                self.waiting.pop()
+                self.waiting.insert(i, s)
 
     def schedule(self) -> Plan:
         """This step's work: admit what fits, then decode everyone ready and prefill within budget."""
@@ -55,7 +66,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs and pending < self.max_num_batched_tokens:
             s = self.waiting[0]
             if not self._room_for(s):
-                break   # FIFO: a large head waits for room rather than being starved by small ones
+                break   # in order: a large head waits for room rather than being starved by small ones
             blocks = self.pool.allocate(self.blocks_needed(s))
             if s.kv is KVPlace.HOST:
                 self.pager.restore(s, blocks, "restore")
