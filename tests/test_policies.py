@@ -17,7 +17,7 @@ from djinnd.model.presets import build_random
 from djinnd.session import KVPlace, Phase, Session, SessionState
 from experiments import exp1_agents
 from test_daemon import TINY_VOCAB
-from test_scheduler import pool_of
+from test_scheduler import pool_of, waiting_session
 
 
 def session(id, phase=Phase.ACTIVE, back=None, used=0.0, blocks=2, state=SessionState.IDLE):
@@ -63,10 +63,9 @@ def test_tool_durations_need_two_calls_prefer_the_tool_and_stay_bounded():
     assert len(d.samples) <= 8
 
 
-@pytest.mark.parametrize("hinted", [True, False])
-def test_a_full_pool_makes_room_for_a_prefetch_the_agent_announced_not_for_one_the_daemon_guessed(hinted):
-    """Evicting on a guess doubles the copies whenever the guess is early: a learned return
-    prefetches into free room only, an announced one (expected_s) evicts a session due back later."""
+def full_pool_with_a_prefetch_due(hinted: bool):
+    """A pool of 4 blocks held by `later` (in a tool call, due back in 100 s) and `idle`; `away`
+    is on the host, its prefetch due now: by its own expected_s (hinted) or a learned duration."""
     pool = pool_of(4)
     arena = HostArena(8, pool.host_block_shape, torch.float32, pin=False)
     pager = Pager("semantic", pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
@@ -82,17 +81,37 @@ def test_a_full_pool_makes_room_for_a_prefetch_the_agent_announced_not_for_one_t
     pager.poll()
     idle.block_table = pool.allocate(2)                    # someone else takes the room meanwhile
     assert pool.num_free == 0 and away.kv is KVPlace.HOST and away.prefetch_at <= time.monotonic()
+    return pager, pool, away, later, idle
+
+
+def test_a_full_pool_makes_room_for_a_prefetch_the_agent_announced():
+    pager, pool, away, later, idle = full_pool_with_a_prefetch_due(hinted=True)
     pager.tick()
     pager.poll()
-    if hinted:
-        assert away.kv is KVPlace.DEVICE and len(away.block_table) == 2 and later.kv is KVPlace.HOST
-    else:
-        assert away.kv is KVPlace.HOST and later.kv is KVPlace.DEVICE and idle.kv is KVPlace.DEVICE
-        assert pager.metrics.counters["prefetches_deferred"] == 1
-        pool.free(idle.block_table)                        # room appears: the guess may use it
-        idle.block_table = []
-        pager.tick()
-        assert away.kv is KVPlace.DEVICE and later.kv is KVPlace.DEVICE
+    assert away.kv is KVPlace.DEVICE and len(away.block_table) == 2 and later.kv is KVPlace.HOST
+
+
+def test_a_prefetch_the_daemon_only_guessed_takes_free_room_only():
+    """Evicting on a guess doubles the copies whenever the guess is early."""
+    pager, pool, away, later, idle = full_pool_with_a_prefetch_due(hinted=False)
+    pager.tick()
+    assert away.kv is KVPlace.HOST and later.kv is KVPlace.DEVICE and idle.kv is KVPlace.DEVICE
+    assert pager.metrics.counters["prefetches_deferred"] == 1
+    pool.free(idle.block_table)                            # room appears: the guess may use it
+    idle.block_table = []
+    pager.tick()
+    assert away.kv is KVPlace.DEVICE and later.kv is KVPlace.DEVICE
+
+
+def test_a_prefetch_evicts_nobody_while_queued_requests_wait_for_room():
+    """Admission order decides who gets room next; the prefetched session restores when admitted."""
+    pager, pool, away, later, idle = full_pool_with_a_prefetch_due(hinted=True)
+    queued = waiting_session(4, 6, 2)                      # needs 2 blocks, none free
+    queued.state = SessionState.WAITING
+    pager.sessions[queued.id] = queued
+    pager.tick()
+    assert away.kv is KVPlace.HOST and later.kv is KVPlace.DEVICE
+    assert pager.metrics.counters["prefetches_deferred"] == 1
 
 
 def exp1(tmp_path, *flags):

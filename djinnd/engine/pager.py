@@ -106,16 +106,18 @@ class Pager:
     def prefetch(self, s: Session, cause: str, due: float | None = None) -> bool:
         """Bring s's KV back before its request comes. Room comes from free blocks no queued request
         needs, then from sessions due back later than s (or idle ones), whose blocks it takes at once:
-        the copy in waits for their copies out on the device, never on the host. A return the daemon
-        only guessed (a learned duration) takes free room only: evicting on a guess doubles the
-        copies whenever the guess is early. False: no room."""
+        the copy in waits for their copies out on the device, never on the host. It evicts nobody
+        while queued requests wait for room (admission order decides who gets room next), nor for a
+        return the daemon only guessed (a learned duration): evicting on a guess doubles the copies
+        whenever the guess is early. False: no room."""
         n = sum(length for _, length in s.host_runs)
         if s.kv is not KVPlace.HOST or s.state is not SessionState.IDLE:
             return True
-        spare = max(0, min(n, self.pool.num_free - self._reserved()))
+        reserved = self._reserved()
+        spare = max(0, min(n, self.pool.num_free - reserved))
         due = policies.returns_at(s) if due is None else due
-        guess = cause == "prefetch" and not s.hinted
-        victims = [] if guess else policies.prefetch_victims(self.sessions.values(), s, n - spare, due)
+        may_evict = reserved <= self.pool.num_free and (cause != "prefetch" or s.hinted)
+        victims = policies.prefetch_victims(self.sessions.values(), s, n - spare, due) if may_evict else []
         taken, after = self._take_blocks(victims, n - spare)
         if spare + len(taken) < n:
             if after:
