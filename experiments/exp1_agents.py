@@ -1,19 +1,22 @@
 """Experiment 1 (agent density) and Experiment 3 (memory pressure) with real agent processes.
 
-    python experiments/exp1_agents.py                       # the seeds' shape: 80 agents, 13B, on the GPU
-    python experiments/exp1_agents.py --quick               # 7B shapes, ~8 minutes on an H100
-    python experiments/exp1_agents.py --sweep 20,40,60,80   # find the cliff
+    python experiments/exp1_agents.py --quick               # H100, ~7 min: 7B, 8 GiB pool, N = 16, 32, 48
+    python experiments/exp1_agents.py --sweep 20,40,60,80   # the seeds' shape: 13B, λ = 0.2/s, tools U(10 s, 20 s)
     python experiments/exp1_agents.py --exp3                # 50 sessions, half paused at breakpoints
     python experiments/exp1_agents.py --model random:tiny --device cpu --agents 8 --context 96 ...  # on CPU
 
 Experiment 1: N agents arrive as a Poisson process (rate λ); each loops generate -> tool call
-(sleep) -> resume for several turns, its context growing every turn. One daemon per policy and N,
-the KV pool capped so the largest N's total KV is `--oversubscribe` times the pool (printed), and
-two baselines in the same run: `resident` (a pool that holds every agent's KV: no paging) and one
-HF transformers process per agent (`--hf`). Per policy and N: completed turns/s, TTFT of first and
-resumed turns as the agents saw it, queue wait, swap bytes each way, reactive restores, the
-memory timeline (PNG, from the daemon's sampler), and whether the SLO holds (p99 TTFT of a
-resumed turn <= --slo-ms, nobody refused). JSON and PNGs under experiments/results/, a table last.
+(sleep) -> resume for several turns, its context growing every turn. One daemon per policy runs
+the whole N sweep, one N after another, with the KV pool capped (`--kv-cache-mb`, else the
+largest N's total KV / `--oversubscribe`; printed, with each N's oversubscription). Baselines in
+the same run: `resident` (a pool that holds every agent's KV: no paging) and one HF transformers
+process per agent (`--hf`, at the smallest N: how many ran out of device memory). Per policy and
+N: completed turns/s, TTFT of first and resumed turns as the agents saw it, queue wait, swap bytes
+each way, reactive restores, peak live sessions, the memory timeline (PNG, from the daemon's
+sampler), and the largest N whose p99 resumed TTFT meets --slo-ms (and 100/200 ms) with nobody
+refused. For the pool to matter, agents must be alive at once: pick λ, turns and tool times so
+that λ x an agent's lifetime is near N (the `live` column shows it). JSON and PNGs under
+experiments/results/, a table last.
 """
 import argparse
 import json
@@ -26,8 +29,8 @@ from experiments import exp1_report as report  # noqa: E402
 from experiments.exp1_run import run_exp3, run_hf, run_policy, workload  # noqa: E402
 from experiments.harness import ROOT, stamp  # noqa: E402
 
-QUICK = {"model": "random:llama-2-7b", "time_scale": 0.15, "sweep": "12,24", "turns": 3,
-         "policies": "semantic,lru,recompute,none"}
+QUICK = {"model": "random:llama-2-7b", "time_scale": 0.1, "rate": 2.0, "turns": 6, "growth": 32,
+         "kv_cache_mb": 8192, "sweep": "16,32,48", "policies": "semantic,lru,recompute"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -140,7 +140,7 @@ class Pager:
         return taken, after
 
     def _reserved(self) -> int:
-        """Device blocks queued requests need: a prefetch never takes them (FIFO admission stays)."""
+        """Device blocks queued requests need: a prefetch never takes them (admission order stays)."""
         return sum(max(0, self.pool.blocks_for(len(s.tokens) + s.request.params.max_new_tokens) - len(s.block_table))
                    for s in self.sessions.values() if s.state is SessionState.WAITING and s.request)
 

@@ -19,7 +19,6 @@ def engine_status(engine) -> dict:
             "kv_block_tokens": pool.block_size,
             "host_arena_bytes": arena.num_blocks * arena.block_bytes,
             "host_arena_used_bytes": arena.num_used * arena.block_bytes,
-            "sessions": len(engine.sessions),
             "host_arena_segment": arena.name, "host_arena_pin_s": arena.pin_seconds,
             **_device_memory(engine.device),
         },
