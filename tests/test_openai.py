@@ -104,6 +104,21 @@ def test_chat_stream_and_whole_agree_with_a_direct_session(front, direct):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
 
 
+def test_a_stream_sends_each_delta_while_the_daemon_is_still_generating(front, direct):
+    """Deltas go out as tokens come, not all at the end: when the first one arrives, the
+    daemon is still running the request."""
+    messages = [{"role": "user", "content": "Count from one to twenty in words."}]
+    stream = front.client.chat.completions.create(model="djinn", messages=messages, max_tokens=24, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+    states_at_first, text = None, ""
+    for chunk in stream:
+        delta = chunk.choices[0].delta.content if chunk.choices else None
+        if delta and states_at_first is None:
+            states_at_first = [r["state"] for r in direct.status()["sessions"]]
+        text += delta or ""
+    assert "running" in states_at_first and text
+
+
 def test_completions_models_stop_strings(front, direct):
     assert [m.id for m in front.client.models.list().data] == ["djinn"]
     tok = tokenizer(direct)

@@ -3,6 +3,7 @@
 FastAPI runs the blocking libdjinn calls in its thread pool; a stream is a sync generator that
 Starlette iterates there too, one SSE event per text delta.
 """
+import itertools
 import json
 import threading
 import time
@@ -113,7 +114,7 @@ class Shape:
 
     def sse(self, first, events, include_usage: bool):
         try:
-            for item in [first, *events]:
+            for item in itertools.chain([first], events):     # as they come: a list would wait for the end
                 if isinstance(item, Outcome):
                     outcome = item
                 elif item:
