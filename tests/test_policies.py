@@ -8,16 +8,12 @@ import torch
 
 import libdjinn
 from conftest import hf_greedy, hf_reference, random_prompts, start_daemon, stop_daemon
-from djinnd.engine.pager import Pager
-from djinnd.memory.host_arena import HostArena
 from djinnd.memory.policies import ToolDurations, eviction_order, prefetch_victims
-from djinnd.memory.swapper import Swapper
-from djinnd.metrics import Metrics
 from djinnd.model.presets import build_random
 from djinnd.session import KVPlace, Phase, Session, SessionState
 from experiments import exp1_agents
 from test_daemon import TINY_VOCAB
-from test_scheduler import pool_of, waiting_session
+from test_scheduler import pool_of, scheduler_of, waiting_session
 
 
 def session(id, phase=Phase.ACTIVE, back=None, used=0.0, blocks=2, state=SessionState.IDLE):
@@ -67,8 +63,7 @@ def full_pool_with_a_prefetch_due(hinted: bool):
     """A pool of 4 blocks held by `later` (in a tool call, due back in 100 s) and `idle`; `away`
     is on the host, its prefetch due now: by its own expected_s (hinted) or a learned duration."""
     pool = pool_of(4)
-    arena = HostArena(8, pool.host_block_shape, torch.float32, pin=False)
-    pager = Pager("semantic", pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
+    pager = scheduler_of(pool, "semantic", host_blocks=8).pager
     away, later, idle = (session(i, blocks=0) for i in (1, 2, 3))
     for s in (away, later, idle):
         s.block_table, s.tokens, s.num_cached = pool.allocate(2) if s is not idle else [], list(range(8)), 8

@@ -15,10 +15,10 @@ def pool_of(num_blocks: int, block_size=4) -> KVBlockPool:
     return KVBlockPool(2, 1, 8, block_size, per * (num_blocks + 1), torch.float32, "cpu")   # + the scratch block
 
 
-def scheduler_of(pool, policy="none", host_blocks=0) -> Scheduler:
+def scheduler_of(pool, policy="none", host_blocks=0, admission="program") -> Scheduler:
     arena = HostArena(host_blocks, pool.host_block_shape, torch.float32, pin=False)
     pager = Pager(policy, pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
-    return Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100)
+    return Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100, admission=admission)
 
 
 def waiting_session(sid: int, num_prompt: int, max_new: int) -> Session:
@@ -96,10 +96,7 @@ def test_a_request_queues_behind_older_sessions_only_unless_fifo():
     """First come first served between programs: an agent back from its tool call (an older
     session) goes ahead of first prompts that arrived since; fifo keeps arrival order."""
     for admission, order in (("program", [1, 2, 3, 4]), ("fifo", [3, 4, 1, 2])):
-        pool = pool_of(4)
-        arena = HostArena(0, pool.host_block_shape, torch.float32, pin=False)
-        pager = Pager("none", pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
-        sched = Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100, admission=admission)
+        sched = scheduler_of(pool_of(4), admission=admission)
         for sid in (3, 4, 1, 2):            # two new agents' first prompts, then two resumed turns
             sched.add(waiting_session(sid, 40, 4))
         assert [s.id for s in sched.waiting] == order
