@@ -35,7 +35,16 @@ def workload(a, n: int) -> dict:
 def daemon_flags(a, shape: dict, policy: str, kv_cache_mb: float) -> list[str]:
     return ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--policy", policy,
             "--kv-cache-mb", f"{kv_cache_mb:.3f}", "--host-arena-mb", f"{shape['host_arena_mb']:.1f}",
-            "--timeline-period-ms", "50", *a.daemon_flags.split()]
+            "--timeline-period-ms", f"{timeline_period_ms(a):.0f}", *a.daemon_flags.split()]
+
+
+def timeline_period_ms(a) -> float:
+    """50 ms, or coarser when the largest N's run would outlast the daemon's 4,096 samples."""
+    if a.exp3:
+        return 50.0                 # tens of seconds
+    longest_tool = a.tool_max if a.tool_dist == "uniform" else 4 * a.tool_median
+    run_s = max(a.sizes, default=a.agents) * a.time_scale / a.rate + a.turns * longest_tool * a.time_scale + 30
+    return max(50.0, 1e3 * run_s / 3000)
 
 
 def spawn_at(script: str, args_of, agents: list[dict]) -> list[dict]:
