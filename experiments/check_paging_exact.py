@@ -1,0 +1,115 @@
+"""Does paging change tokens? The same agents run one turn at a time (so every batch holds one
+request and its shapes are the same in both runs) under a pool too small for them, then under a
+pool that holds them all with paging off; tokens must be equal, in fp16 too. Tool calls are short,
+so prefetches, lazy evictions and evictions for a prefetch's room overlap other agents' compute.
+This isolates paging from batch composition, which changes fp16 rounding on its own.
+
+    python experiments/check_paging_exact.py                           # embedded model on CPU
+    python experiments/check_paging_exact.py --model random:llama-2-7b --device cuda
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from djinnd.config import load_config  # noqa: E402
+from djinnd.daemon import build_engine, resolve_device, resolve_dtype  # noqa: E402
+from djinnd.engine.local import LocalClient  # noqa: E402
+from djinnd.memory.block_pool import bytes_per_block  # noqa: E402
+from djinnd.model.llama import ModelArgs  # noqa: E402
+from djinnd.model.loader import EMBEDDED, embedded_model_dir  # noqa: E402
+from djinnd.model.presets import PRESETS  # noqa: E402
+from experiments.harness import stamp  # noqa: E402
+
+BLOCK = 16      # djinnd's default block_size
+MOVES = ("swaps_out_pressure", "swaps_out_lazy", "swaps_out_prefetch_room", "swaps_in_prefetch",
+         "swaps_in_restore")
+
+
+def run_agents(model: str, device: str, dtype: str, policy: str, kv_cache_mb: float, host_arena_mb: float,
+               agents: int, turns: int, context: int, growth: int, new_tokens: int, tool_s: float) -> tuple[list, dict]:
+    """Every agent's tokens per turn, and the engine's counters."""
+    engine = build_engine(load_config(None, {"model": model, "device": device, "dtype": dtype, "policy": policy,
+                                             "kv_cache_mb": kv_cache_mb, "host_arena_mb": host_arena_mb,
+                                             "prefetch_lead_ms": 10.0}))
+    engine.arena.wait_pinned()
+    engine.start()
+    try:
+        client, rng = LocalClient(engine), random.Random(0)
+        vocab = engine.loaded.model.args.vocab_size
+        sessions = [client.open() for _ in range(agents)]
+        tokens = [[] for _ in sessions]
+        for turn in range(turns):
+            for i, s in enumerate(sessions):
+                if turn:
+                    client.set_phase(s, "ACTIVE")
+                prompt = [rng.randrange(3, vocab) for _ in range(context if turn == 0 else growth)]
+                tokens[i].append(client.done(client.submit(s, prompt, new_tokens))[0].tokens)
+                client.set_phase(s, "IO_WAIT", expected_s=tool_s)
+        return tokens, dict(engine.metrics.counters)
+    finally:
+        engine.stop()
+        engine.join()
+        engine.arena.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtypes", default="auto", help="comma-separated, e.g. float16,float32")
+    p.add_argument("--policies", default="semantic,lru")
+    p.add_argument("--agents", type=int, default=8)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--growth", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--tool-s", type=float, default=0.3, help="expected_s of each tool call")
+    p.add_argument("--pool-agents", type=float, default=3.0, help="the small pool holds this many agents' KV")
+    p.add_argument("--out", default="")
+    a = p.parse_args()
+    agent_tokens = a.context + a.turns * a.new_tokens + (a.turns - 1) * a.growth
+    shape = lambda dtype, n: pool_mib(a.model, a.device, dtype, agent_tokens, n)  # noqa: E731
+    rows = []
+    for dtype in a.dtypes.split(","):
+        everyone = shape(dtype, a.agents)
+        reference, _ = run_agents(a.model, a.device, dtype, "none", everyone, 0, a.agents, a.turns, a.context,
+                                  a.growth, a.new_tokens, a.tool_s)
+        for policy in a.policies.split(","):
+            tokens, counters = run_agents(a.model, a.device, dtype, policy, shape(dtype, a.pool_agents), everyone,
+                                          a.agents, a.turns, a.context, a.growth, a.new_tokens, a.tool_s)
+            differ = [(i, t) for i, agent in enumerate(tokens) for t, turn in enumerate(agent)
+                      if turn != reference[i][t]]
+            rows.append({"dtype": dtype, "policy": policy, "turns_differing": differ, "equal": not differ,
+                         **{m: counters.get(m, 0) for m in MOVES}})
+    report = {**stamp(), "args": vars(a), "rows": rows}
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+    print(f"\n{a.model} on {a.device}: {a.agents} agents x {a.turns} turns, one request at a time, pool for "
+          f"{a.pool_agents} agents vs one for all (paging off)")
+    print(f"{'dtype':<9} {'policy':<9} {'equal':<6} {'differing turns':<16}" + "".join(f"{m[6:]:>18}" for m in MOVES))
+    for r in rows:
+        print(f"{r['dtype']:<9} {r['policy']:<9} {str(r['equal']):<6} {len(r['turns_differing']):<16}"
+              + "".join(f"{r[m]:>18}" for m in MOVES))
+
+
+def pool_mib(model: str, device: str, dtype: str, agent_tokens: int, agents: float) -> float:
+    """A KV pool that holds `agents` whole histories of `agent_tokens`, and the pool's scratch block."""
+    args = model_args(model)
+    per_block = bytes_per_block(args.num_layers, args.num_kv_heads, args.head_dim, BLOCK,
+                                resolve_dtype(dtype, resolve_device(device)))
+    return (agents * -(-agent_tokens // BLOCK) + 2) * per_block / 2**20
+
+
+def model_args(name: str) -> ModelArgs:
+    if name.startswith("random:"):
+        return PRESETS[name.split(":", 1)[1]]
+    with open(os.path.join(embedded_model_dir() if name == EMBEDDED else name, "config.json")) as fh:
+        return ModelArgs.from_hf(json.load(fh))
+
+
+if __name__ == "__main__":
+    main()
