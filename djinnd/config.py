@@ -72,7 +72,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # most prompt tokens fed in one step (longer prompts go in chunks)
     attention: str = "auto"       # decode attention: auto (Triton kernel on CUDA), triton or torch
     cuda_graphs: bool = True      # capture the decode step in CUDA graphs (false: eager, for debugging)
-    admission: str = "program"    # waiting requests in order of their session's age (program), or arrival (fifo)
+    admission: str = "fifo"       # waiting requests in order of arrival (fifo), or of their session's age (program)
 
     def __post_init__(self):
         ok = self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"

@@ -15,7 +15,7 @@ def pool_of(num_blocks: int, block_size=4) -> KVBlockPool:
     return KVBlockPool(2, 1, 8, block_size, per * (num_blocks + 1), torch.float32, "cpu")   # + the scratch block
 
 
-def scheduler_of(pool, policy="none", host_blocks=0, admission="program") -> Scheduler:
+def scheduler_of(pool, policy="none", host_blocks=0, admission="fifo") -> Scheduler:
     arena = HostArena(host_blocks, pool.host_block_shape, torch.float32, pin=False)
     pager = Pager(policy, pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
     return Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100, admission=admission)
