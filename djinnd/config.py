@@ -73,6 +73,7 @@ class EngineConfig:
     attention: str = "auto"       # decode attention: auto (Triton kernel on CUDA), triton or torch
     cuda_graphs: bool = True      # capture the decode step in CUDA graphs (false: eager, for debugging)
     admission: str = "fifo"       # waiting requests in order of arrival (fifo), or of their session's age (program)
+    admission_max_wait_ms: float = 250.0  # program: past this wait a request is admitted in arrival order
 
     def __post_init__(self):
         ok = self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"
@@ -81,6 +82,7 @@ class EngineConfig:
         _require(self.max_num_batched_tokens > 0, "max_num_batched_tokens", "must be > 0")
         _require(self.attention in ATTENTION, "attention", f"must be one of {ATTENTION}, got {self.attention!r}")
         _require(self.admission in ADMISSION, "admission", f"must be one of {ADMISSION}, got {self.admission!r}")
+        _require(self.admission_max_wait_ms >= 0, "admission_max_wait_ms", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,11 @@ def pool_of(num_blocks: int, block_size=4) -> KVBlockPool:
     return KVBlockPool(2, 1, 8, block_size, per * (num_blocks + 1), torch.float32, "cpu")   # + the scratch block
 
 
-def scheduler_of(pool, policy="none", host_blocks=0, admission="fifo") -> Scheduler:
+def scheduler_of(pool, policy="none", host_blocks=0, admission="fifo", max_wait_s=0.25) -> Scheduler:
     arena = HostArena(host_blocks, pool.host_block_shape, torch.float32, pin=False)
     pager = Pager(policy, pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
-    return Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100, admission=admission)
+    return Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100, admission=admission,
+                     max_wait_s=max_wait_s)
 
 
 def waiting_session(sid: int, num_prompt: int, max_new: int) -> Session:
@@ -100,3 +101,17 @@ def test_a_request_queues_behind_older_sessions_only_unless_fifo():
         for sid in (3, 4, 1, 2):            # two new agents' first prompts, then two resumed turns
             sched.add(waiting_session(sid, 40, 4))
         assert [s.id for s in sched.waiting] == order
+
+
+def test_program_order_admits_a_request_waiting_past_the_bound_first():
+    """Bounded wait: under program order the youngest agent's request, once it has waited past
+    max_wait_s, goes ahead of older agents' newer requests."""
+    sched = scheduler_of(pool_of(4), admission="program", max_wait_s=0.25)
+    young = waiting_session(5, 12, 4)           # 4 blocks: the whole pool
+    young.request.queued_at -= 1.0              # queued a second ago
+    sched.add(young)
+    for sid in (1, 2):
+        sched.add(waiting_session(sid, 4, 4))
+    assert [s.id for s in sched.waiting] == [1, 2, 5]
+    sched.schedule()
+    assert [s.id for s in sched.running] == [5] and [s.id for s in sched.waiting] == [1, 2]

@@ -41,7 +41,8 @@ class Engine:
                            config.memory.learned_quantile)
         self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
-                                   config.engine.max_num_batched_tokens, config.engine.admission)
+                                   config.engine.max_num_batched_tokens, config.engine.admission,
+                                   config.engine.admission_max_wait_ms / 1e3)
         self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.exports = WeightExports(loaded)

@@ -1,11 +1,12 @@
 """Scheduler: who runs next. Waiting sessions are admitted in order as KV blocks allow, asking the
 pager to make room (evict per policy) or to bring a swapped session's KV back. The order is the
 requests' arrival (`admission: fifo`) or their sessions' age (`program`: an agent back from a
-tool call goes ahead of first prompts that arrived after it; on an H200 that cut the median
-resumed TTFT under overload 4x but starved the youngest agents, so p99 and throughput got worse).
+tool call goes ahead of first prompts that arrived after it, until a request has waited
+max_wait_s; unbounded, it starved the youngest agents on an H200, and bounded it did not beat fifo).
 A step decodes one token for every running session whose prompt is done and feeds prefilling
 sessions chunks of their prompts within a token budget, so a long prompt never stalls the
 sessions decoding (chunked prefill). Work that can never get room is refused, never left to hang."""
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,8 +20,10 @@ class Plan:
 
 
 class Scheduler:
-    def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int, admission: str = "fifo"):
+    def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int, admission: str = "fifo",
+                 max_wait_s: float = 0.25):
         self.pool, self.pager, self.by_program = pool, pager, admission == "program"
+        self.max_wait_s = max_wait_s        # program order: a request waiting longer goes by arrival
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Session] = deque()
@@ -63,7 +66,7 @@ class Scheduler:
     def _admit(self):
         pending = sum(s.num_new_tokens for s in self.running if s.num_new_tokens > 1)
         while self.waiting and len(self.running) < self.max_num_seqs and pending < self.max_num_batched_tokens:
-            s = self.waiting[0]
+            s = self._head()
             if not self._room_for(s):
                 break   # in order: a large head waits for room rather than being starved by small ones
             blocks = self.pool.allocate(self.blocks_needed(s))
@@ -72,10 +75,20 @@ class Scheduler:
             else:
                 s.block_table += blocks
                 s.kv = KVPlace.DEVICE
-            self.waiting.popleft()
+            self.waiting.remove(s)
             s.change_state(SessionState.RUNNING)
             self.running.append(s)
             pending += s.num_new_tokens if s.num_new_tokens > 1 else 0
+
+    def _head(self) -> Session:
+        """Next to admit: the queue's head; in program order, the longest-waiting request once any
+        has waited past max_wait_s, so the youngest agents' wait stays bounded under overload."""
+        if self.by_program:
+            now = time.monotonic()
+            overdue = [s for s in self.waiting if now - s.request.queued_at > self.max_wait_s]
+            if overdue:
+                return min(overdue, key=lambda s: s.request.queued_at)
+        return self.waiting[0]
 
     def _room_for(self, s: Session) -> bool:
         if s.transfers and s.kv is KVPlace.HOST:
@@ -85,7 +98,7 @@ class Scheduler:
             return True
         shortfall = needed - self.pool.num_free - self.pager.freeing()   # evictions in flight count
         if shortfall > 0 and self.pager.make_room(shortfall, s) == 0 and not (self.running or self.pager.busy()):
-            self.waiting.popleft()  # nothing runs, nothing can be evicted: it would wait forever
+            self.waiting.remove(s)  # nothing runs, nothing can be evicted: it would wait forever
             self.refused.append((s, f"needs {needed} KV blocks, {self.pool.num_free} free and none can be "
                                     f"freed (policy {self.pager.policy}, host arena "
                                     f"{self.pager.arena.num_free}/{self.pager.arena.num_blocks} blocks free)"))
