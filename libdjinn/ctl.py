@@ -50,7 +50,8 @@ def show_status(report: dict, args) -> str:
 def show_swaps(report: dict, args) -> str:
     if args.png:
         plots.plot_swap_latency(report["all_ms"], args.png)
-    report.pop("all_ms"), report.pop("latency_samples_ms", None)
+    report.pop("all_ms")
+    report.pop("latency_samples_ms", None)
     return json.dumps(report, indent=1) if args.json else format_swaps(report)
 
 
