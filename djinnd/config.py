@@ -11,7 +11,7 @@ import yaml
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 POLICIES = ("semantic", "lru", "recompute", "none")
 ATTENTION = ("auto", "triton", "torch")
-ADMISSION = ("program", "fifo")
+ADMISSION = ("fifo", "program", "shortest")
 
 
 class ConfigError(ValueError):
@@ -72,8 +72,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # most prompt tokens fed in one step (longer prompts go in chunks)
     attention: str = "auto"       # decode attention: auto (Triton kernel on CUDA), triton or torch
     cuda_graphs: bool = True      # capture the decode step in CUDA graphs (false: eager, for debugging)
-    admission: str = "fifo"       # waiting requests in order of arrival (fifo), or of their session's age (program)
-    admission_max_wait_ms: float = 250.0  # program: past this wait a request is admitted in arrival order
+    admission: str = "fifo"       # waiting requests by arrival (fifo), session age (program) or prompt left (shortest)
+    admission_max_wait_ms: float = 5000.0  # program, shortest: past this wait a request goes in arrival order
 
     def __post_init__(self):
         ok = self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"

@@ -1,6 +1,6 @@
 """What admission order does to an agent back from a tool call during a burst of new agents,
 in-process (no socket): the agent's turn is queued right behind `--burst` fresh sessions' long
-first prompts, under `admission: program` and `fifo`, and its TTFT timed from the engine's own
+first prompts, under each `admission` order, and its TTFT timed from the engine's own
 token events. Repeated `--repeats` times per order; medians printed last.
 
     python experiments/bench_admission.py                          # embedded model on CPU
@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from djinnd.config import load_config  # noqa: E402
+from djinnd.config import ADMISSION, load_config  # noqa: E402
 from djinnd.daemon import build_engine  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
 from experiments.harness import stamp  # noqa: E402
@@ -47,7 +47,7 @@ def main():
     p.add_argument("--out", default="")
     a = p.parse_args()
     rows = {}
-    for order in ("fifo", "program"):
+    for order in ADMISSION:
         engine = build_engine(load_config(None, {"model": a.model, "device": a.device, "kv_cache_mb": 1024,
                                                  "admission": order}))
         engine.start()

@@ -18,9 +18,7 @@ from djinnd.config import load_config  # noqa: E402
 from djinnd.daemon import build_engine, resolve_device, resolve_dtype  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
 from djinnd.memory.block_pool import bytes_per_block  # noqa: E402
-from djinnd.model.llama import ModelArgs  # noqa: E402
-from djinnd.model.loader import EMBEDDED, embedded_model_dir  # noqa: E402
-from djinnd.model.presets import PRESETS  # noqa: E402
+from djinnd.model.loader import model_args  # noqa: E402
 from experiments.harness import stamp  # noqa: E402
 
 BLOCK = 16      # djinnd's default block_size
@@ -102,13 +100,6 @@ def pool_mib(model: str, device: str, dtype: str, agent_tokens: int, agents: flo
     per_block = bytes_per_block(args.num_layers, args.num_kv_heads, args.head_dim, BLOCK,
                                 resolve_dtype(dtype, resolve_device(device)))
     return (agents * -(-agent_tokens // BLOCK) + 2) * per_block / 2**20
-
-
-def model_args(name: str) -> ModelArgs:
-    if name.startswith("random:"):
-        return PRESETS[name.split(":", 1)[1]]
-    with open(os.path.join(embedded_model_dir() if name == EMBEDDED else name, "config.json")) as fh:
-        return ModelArgs.from_hf(json.load(fh))
 
 
 if __name__ == "__main__":

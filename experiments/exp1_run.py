@@ -19,17 +19,17 @@ BLOCK = 16          # tokens per KV block (djinnd's default block_size)
 
 def workload(a, n: int) -> dict:
     """KV sizes of the workload, from the model's shape: what to cap the pool at."""
-    from djinnd.model.presets import PRESETS
-    preset = PRESETS[a.model.split(":", 1)[1]]
+    from djinnd.model.loader import model_args
+    shape = model_args(a.model)
     elem = 4 if a.dtype == "float32" or (a.dtype == "auto" and not a.device.startswith("cuda")) else 2
-    per_token = 2 * preset.num_layers * preset.num_kv_heads * preset.head_dim * elem
+    per_token = 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * elem
     agent_tokens = a.context + (a.turns - 1) * a.growth + a.turns * a.new_tokens
     total = n * -(-agent_tokens // BLOCK) * BLOCK * per_token         # whole KV blocks
     pool_mb = a.kv_cache_mb or max(total / a.oversubscribe, 2.2 * agent_tokens * per_token) / MiB  # 2 agents at least
     return {"kv_bytes_per_token": per_token, "agent_tokens": agent_tokens, "total_kv_bytes": total,
             "kv_cache_mb": pool_mb, "host_arena_mb": 1.1 * max(0.0, total / MiB - pool_mb) + 16,   # what is swapped
-            "vocab": preset.vocab_size,
-            "layers": preset.num_layers, "preset": a.model.split(":", 1)[1]}
+            "vocab": shape.vocab_size,
+            "layers": shape.num_layers, "preset": a.model.split(":", 1)[-1]}
 
 
 def daemon_flags(a, shape: dict, policy: str, kv_cache_mb: float) -> list[str]:

@@ -15,7 +15,7 @@ def pool_of(num_blocks: int, block_size=4) -> KVBlockPool:
     return KVBlockPool(2, 1, 8, block_size, per * (num_blocks + 1), torch.float32, "cpu")   # + the scratch block
 
 
-def scheduler_of(pool, policy="none", host_blocks=0, admission="fifo", max_wait_s=0.25) -> Scheduler:
+def scheduler_of(pool, policy="none", host_blocks=0, admission="fifo", max_wait_s=5.0) -> Scheduler:
     arena = HostArena(host_blocks, pool.host_block_shape, torch.float32, pin=False)
     pager = Pager(policy, pool, arena, Swapper(pool, arena, "cpu", Metrics()), prefetch_lead_s=0)
     return Scheduler(pool, pager, max_num_seqs=8, max_num_batched_tokens=100, admission=admission,
@@ -101,6 +101,19 @@ def test_a_request_queues_behind_older_sessions_only_unless_fifo():
         for sid in (3, 4, 1, 2):            # two new agents' first prompts, then two resumed turns
             sched.add(waiting_session(sid, 40, 4))
         assert [s.id for s in sched.waiting] == order
+
+
+def test_shortest_first_admits_and_feeds_a_continued_turn_ahead_of_long_prompts():
+    """A turn that continues its history (few tokens to feed) is admitted while long first prompts
+    already fill the step's prompt budget, and is fed first; fifo makes it wait for them."""
+    for admission, fed in (("fifo", [(3, 90), (4, 10)]), ("shortest", [(1, 10), (3, 90)])):
+        sched = scheduler_of(pool_of(64), admission=admission)
+        for sid in (3, 4):                        # two new agents' 90-token first prompts
+            sched.add(waiting_session(sid, 90, 4))
+        sched.schedule()
+        sched.add(waiting_session(1, 10, 4))     # then an agent back from its tool call
+        plan = sched.schedule()
+        assert [(s.id, n) for s, n in plan.prefill] == fed
 
 
 def test_program_order_admits_a_request_waiting_past_the_bound_first():

@@ -1,8 +1,9 @@
 """Scheduler: who runs next. Waiting sessions are admitted in order as KV blocks allow, asking the
-pager to make room (evict per policy) or to bring a swapped session's KV back. The order is the
-requests' arrival (`admission: fifo`) or their sessions' age (`program`: an agent back from a
-tool call goes ahead of first prompts that arrived after it, until a request has waited
-max_wait_s; unbounded, it starved the youngest agents on an H200, and bounded it did not beat fifo).
+pager to make room (evict per policy) or to bring a swapped session's KV back. The order
+(`admission`) is the requests' arrival (fifo); or fewest tokens to feed first (shortest: a turn
+that continues its history goes ahead of new agents' long first prompts, in admission and in the
+step's prompt budget); or session age (program: first come, first served between programs).
+Out of arrival order, a request that has waited max_wait_s goes first, so nothing starves.
 A step decodes one token for every running session whose prompt is done and feeds prefilling
 sessions chunks of their prompts within a token budget, so a long prompt never stalls the
 sessions decoding (chunked prefill). Work that can never get room is refused, never left to hang."""
@@ -19,11 +20,20 @@ class Plan:
     prefill: list[tuple[Session, int]] = field(default_factory=list)  # session, tokens to feed now
 
 
+ORDER_KEYS = {                # admission -> what the waiting queue is sorted by (None: arrival)
+    "fifo": None,
+    "program": lambda s: s.id,                 # session ids grow with age
+    "shortest": lambda s: s.num_new_tokens,    # prompt tokens to feed: a continued turn before a new prompt
+}
+
+
 class Scheduler:
     def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int, admission: str = "fifo",
-                 max_wait_s: float = 0.25):
-        self.pool, self.pager, self.by_program = pool, pager, admission == "program"
-        self.max_wait_s = max_wait_s        # program order: a request waiting longer goes by arrival
+                 max_wait_s: float = 5.0):
+        self.pool, self.pager = pool, pager
+        self.order_key = ORDER_KEYS[admission]
+        self.shortest_first = admission == "shortest"   # the step's prompt budget goes in that order too
+        self.max_wait_s = max_wait_s        # a request waiting longer goes in arrival order
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Session] = deque()
@@ -41,9 +51,9 @@ class Scheduler:
     def add(self, s: Session):
         s.change_state(SessionState.WAITING)
         self.waiting.append(s)
-        if self.by_program:         # session ids grow with age; usually s is the youngest already
-            i = len(self.waiting) - 1
-            while i > 0 and self.waiting[i - 1].id > s.id:
+        if self.order_key:          # usually s goes last already (program) or near the end
+            key, i = self.order_key(s), len(self.waiting) - 1
+            while i > 0 and self.order_key(self.waiting[i - 1]) > key:
                 i -= 1
             if i < len(self.waiting) - 1:
                 self.waiting.pop()
@@ -53,7 +63,8 @@ class Scheduler:
         """This step's work: admit what fits, then decode everyone ready and prefill within budget."""
         self._admit()
         plan, budget = Plan(), self.max_num_batched_tokens
-        for s in self.running:
+        running = sorted(self.running, key=lambda s: s.num_new_tokens) if self.shortest_first else self.running
+        for s in running:
             if s.state is not SessionState.RUNNING:
                 continue                     # paused at a breakpoint: waits for its client
             if s.num_new_tokens == 1:
@@ -64,10 +75,9 @@ class Scheduler:
         return plan
 
     def _admit(self):
-        pending = sum(s.num_new_tokens for s in self.running if s.num_new_tokens > 1)
-        while self.waiting and len(self.running) < self.max_num_seqs and pending < self.max_num_batched_tokens:
+        while self.waiting and len(self.running) < self.max_num_seqs:
             s = self._head()
-            if not self._room_for(s):
+            if self._prompt_ahead(s) >= self.max_num_batched_tokens or not self._room_for(s):
                 break   # in order: a large head waits for room rather than being starved by small ones
             blocks = self.pool.allocate(self.blocks_needed(s))
             if s.kv is KVPlace.HOST:
@@ -78,12 +88,16 @@ class Scheduler:
             self.waiting.remove(s)
             s.change_state(SessionState.RUNNING)
             self.running.append(s)
-            pending += s.num_new_tokens if s.num_new_tokens > 1 else 0
+
+    def _prompt_ahead(self, s: Session) -> int:
+        """Prompt tokens admitted but not yet fed that the step's budget serves before s's."""
+        return sum(r.num_new_tokens for r in self.running if r.num_new_tokens > 1
+                   and not (self.shortest_first and r.num_new_tokens > s.num_new_tokens))
 
     def _head(self) -> Session:
-        """Next to admit: the queue's head; in program order, the longest-waiting request once any
-        has waited past max_wait_s, so the youngest agents' wait stays bounded under overload."""
-        if self.by_program:
+        """Next to admit: the queue's head; out of arrival order, the longest-waiting request once
+        any has waited past max_wait_s, so no request's wait grows without bound under overload."""
+        if self.order_key:
             now = time.monotonic()
             overdue = [s for s in self.waiting if now - s.request.queued_at > self.max_wait_s]
             if overdue:

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from djinnd.model.llama import LlamaForCausalLM, ModelArgs, fuse_hf_state
-from djinnd.model.presets import build_random
+from djinnd.model.presets import PRESETS, build_random
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,6 +96,14 @@ def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
     if missing:
         raise ValueError(f"{path}: weights missing for {missing[:3]}")
     return model.eval().requires_grad_(False)   # never trained: no autograd history on weight copies
+
+
+def model_args(name: str) -> ModelArgs:
+    """A model's shape without its weights (to size KV pools before loading)."""
+    if name.startswith("random:"):
+        return PRESETS[name.split(":", 1)[1]]
+    with open(os.path.join(embedded_model_dir() if name == EMBEDDED else name, "config.json")) as fh:
+        return ModelArgs.from_hf(json.load(fh))
 
 
 def load_model(name: str, seed: int, dtype, device) -> LoadedModel:
