@@ -68,8 +68,8 @@ def main():
     p.add_argument("--pool-agents", type=float, default=3.0, help="the small pool holds this many agents' KV")
     p.add_argument("--out", default="")
     a = p.parse_args()
-    agent_tokens = a.context + a.turns * a.new_tokens + (a.turns - 1) * a.growth
-    shape = lambda dtype, n: pool_mib(a.model, a.device, dtype, agent_tokens, n)  # noqa: E731
+    history = history_tokens(a.turns, a.context, a.growth, a.new_tokens)
+    shape = lambda dtype, n: pool_mib(a.model, a.device, dtype, history, n)  # noqa: E731
     rows = []
     for dtype in a.dtypes.split(","):
         everyone = shape(dtype, a.agents)
@@ -92,6 +92,11 @@ def main():
     for r in rows:
         print(f"{r['dtype']:<9} {r['policy']:<9} {str(r['equal']):<6} {len(r['turns_differing']):<16}"
               + "".join(f"{r[m]:>18}" for m in MOVES))
+
+
+def history_tokens(turns: int, context: int, growth: int, new_tokens: int) -> int:
+    """An agent's whole history after its last turn."""
+    return context + (turns - 1) * growth + turns * new_tokens
 
 
 def pool_mib(model: str, device: str, dtype: str, agent_tokens: int, agents: float) -> float:

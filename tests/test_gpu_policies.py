@@ -48,9 +48,9 @@ def test_prefetch_into_an_idle_sessions_blocks_matches_a_never_swapped_run_on_cu
 def test_agents_one_request_at_a_time_get_unpaged_tokens_in_fp16_on_cuda():
     """Every batch holds one request in both runs, so only paging can change a token: prefetches
     that evict for room overlap other agents' compute on the side streams."""
-    from experiments.check_paging_exact import pool_mib, run_agents
+    from experiments.check_paging_exact import history_tokens, pool_mib, run_agents
     shape = dict(agents=6, turns=3, context=96, growth=16, new_tokens=8, tool_s=0.02)
-    tokens = 96 + 3 * 8 + 2 * 16
+    tokens = history_tokens(3, 96, 16, 8)
     everyone = pool_mib("random:tiny", "cuda", "float16", tokens, 6)
     reference, _ = run_agents("random:tiny", "cuda", "float16", "none", everyone, 0, **shape)
     paged, counters = run_agents("random:tiny", "cuda", "float16", "semantic",
