@@ -1,8 +1,10 @@
-"""djinnd with one injected fault, for the reliability tests: `python tests/fault_daemon.py FAULT
-<djinnd flags>`. The fault is the only change; everything else is the real daemon."""
+"""djinnd with injected faults, for the reliability tests: `python tests/fault_daemon.py FAULT[,FAULT]
+<djinnd flags>`. The faults are the only change; everything else is the real daemon."""
+import os
 import sys
 
-from djinnd import cli
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # a checkout not installed
+from djinnd import cli  # noqa: E402
 
 
 class InjectedDeath(BaseException):
@@ -47,5 +49,6 @@ def forward_fails_on_marker():
 FAULTS = {"prefetch": prefetch_fails_once, "die": io_wait_kills_engine, "forward": forward_fails_on_marker}
 
 if __name__ == "__main__":
-    FAULTS[sys.argv[1]]()
+    for fault in sys.argv[1].split(","):
+        FAULTS[fault]()
     sys.exit(cli.main(sys.argv[2:]))

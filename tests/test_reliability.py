@@ -68,7 +68,7 @@ def wait_until(condition, timeout=10.0):
 # ---- finding 1 and 7: injected faults -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
-    d = start_daemon(tmp_path_factory.mktemp("faults"), *TINY, entry=FAULTS + ("prefetch",))
+    d = start_daemon(tmp_path_factory.mktemp("faults"), *TINY, entry=FAULTS + ("prefetch,forward",))
     yield d
     stop_daemon(d)
 
@@ -113,20 +113,16 @@ def test_engine_thread_death_exits_nonzero_and_answers_clients(tmp_path):
     assert len(errors) == 1 and errors[0].code == ErrorCode.UNAVAILABLE, errors
 
 
-def test_failed_forward_leaves_no_prompt_in_history(tmp_path, hf_tiny):
+def test_failed_forward_leaves_no_prompt_in_history(faults, hf_tiny):
     """Finding 7: a request whose forward fails leaves the session as it was before it."""
-    d = start_daemon(tmp_path, *TINY, entry=FAULTS + ("forward",))
     history, after = prompts(9, 5, seed=2)
-    try:
-        with libdjinn.connect(d.socket, timeout=30) as djinn:
-            s = djinn.session()
-            out = s.generate(prompt_ids=history, max_new_tokens=3, ignore_eos=True).tokens
-            with pytest.raises(libdjinn.DjinnError, match="forward failed"):
-                s.generate(prompt_ids=[5, 499, 6], max_new_tokens=3)
-            assert s.generate(prompt_ids=after, max_new_tokens=4, ignore_eos=True).tokens == \
-                hf_greedy(hf_tiny, history + out + after, 4)
-    finally:
-        stop_daemon(d)
+    with libdjinn.connect(faults.socket, timeout=30) as djinn:
+        s = djinn.session()
+        out = s.generate(prompt_ids=history, max_new_tokens=3, ignore_eos=True).tokens
+        with pytest.raises(libdjinn.DjinnError, match="forward failed"):
+            s.generate(prompt_ids=[5, 499, 6], max_new_tokens=3)
+        assert s.generate(prompt_ids=after, max_new_tokens=4, ignore_eos=True).tokens == \
+            hf_greedy(hf_tiny, history + out + after, 4)
 
 
 # ---- a daemon with small limits -----------------------------------------------------------------
@@ -303,13 +299,13 @@ def test_connection_cap_answers_and_does_not_flood_the_log(limited):
     assert limited.log().count("max_connections") <= 2
 
 
-@pytest.fixture(scope="module")
-def user_python(tmp_path_factory):
-    """(python, PYTHONPATH) another uid can run libdjinn with: our interpreter if others can reach it,
-    else the system python of the same version with copies of libdjinn's three dependencies."""
-    reachable = all(os.stat(p).st_mode & 0o001 for p in pathlib.Path(sys.executable).parents if str(p) != "/")
+def other_user_python(executable: str):
+    """Yields (python, PYTHONPATH) another uid can run libdjinn with: `executable` if others can reach
+    it, else the system python of the same version with copies of libdjinn's three dependencies."""
+    reachable = all(os.stat(p).st_mode & 0o001 for p in pathlib.Path(executable).parents if str(p) != "/")
     if reachable:
-        return sys.executable, ROOT
+        yield executable, ROOT
+        return
     system = shutil.which("python3", path="/usr/bin:/bin")
     version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
                              text=True).stdout.strip() if system else ""
@@ -327,6 +323,20 @@ def user_python(tmp_path_factory):
     subprocess.run(["chmod", "-R", "a+rX", deps], check=True)
     yield system, f"{deps}:{ROOT}"
     shutil.rmtree(deps, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def user_python():
+    yield from other_user_python(sys.executable)
+
+
+def test_user_python_yields_for_an_interpreter_others_can_reach():
+    """Round 3, finding 8: the fixture yielded nothing when the interpreter was reachable (fresh venv)."""
+    reachable = shutil.which("python3", path="/usr/bin:/bin")
+    if not reachable or not all(os.stat(p).st_mode & 0o001 for p in pathlib.Path(reachable).parents
+                                if str(p) != "/"):
+        pytest.skip("no interpreter other users can reach")
+    assert next(other_user_python(reachable)) == (reachable, ROOT)
 
 
 def as_user(python, uid: int, gid: int, code: str) -> subprocess.CompletedProcess:
