@@ -19,11 +19,15 @@ def buckets_for(max_rows: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, pool, batch, device, backend: str = "auto", use_graphs: bool = True):
         self.model, self.pool, self.batch = model, pool, batch
-        self.kernel = decode_attention_kernel(device, model.args.head_dim, backend)
+        self.kernel = decode_attention_kernel(device, model.args.head_dim, backend, model.args.num_kv_heads,
+                                              batch.block_tables.shape[1] * pool.block_size)
         self.fused = fused_kernels(device, backend)
         self.use_graphs = use_graphs and torch.device(device).type == "cuda"
         self.logits = torch.zeros(batch.max_rows, model.args.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.variants = {"plain": self.graphs}     # mode -> {bucket: graph} (engine/interventions.py)
+        if batch.interventions is not None:
+            self.variants.update(steer={}, capture={})
         self.capture_s, self.graph_bytes = 0.0, 0
 
     @property
@@ -31,9 +35,10 @@ class DecodeGraphs:
         return "triton" if self.kernel else "torch"
 
     @torch.inference_mode()
-    def forward(self, n: int, num_blocks: int | None = None):
+    def forward(self, n: int, num_blocks: int | None = None, mode: str = "plain"):
         """Rows [0, n): logits into self.logits[:n], then every live row's position advances by one.
-        num_blocks bounds the torch path's gather (host-known); the kernel needs no bound."""
+        num_blocks bounds the torch path's gather (host-known); the kernel needs no bound.
+        mode: plain, steer (add the rows' vectors) or capture (steer and stage every layer's output)."""
         b, block_size = self.batch, self.pool.block_size
         positions, tables = b.positions[:n], b.block_tables[:n]
         slots = tables.gather(1, (positions // block_size)[:, None])[:, 0].long() * block_size + positions % block_size
@@ -48,16 +53,18 @@ class DecodeGraphs:
 
         h = self.model.embed(b.input_ids[:n])
         cos, sin = self.model.rope(positions, h.dtype)
-        h = self.model.run_layers(h, ForwardContext(cos, sin, attend, self.fused), self.pool.k, self.pool.v)
+        h = self.model.run_layers(h, ForwardContext(cos, sin, attend, self.fused), self.pool.k, self.pool.v,
+                                  after=b.intervention_hook(n, mode))
         self.logits[:n] = self.model.logits(h)
         b.positions[:n] += b.is_live[:n]
 
-    def run(self, n: int, num_blocks: int | None = None) -> torch.Tensor:
-        bucket = next((size for size in sorted(self.graphs) if size >= n), None)
+    def run(self, n: int, num_blocks: int | None = None, mode: str = "plain") -> torch.Tensor:
+        graphs = self.variants.get(mode, {})
+        bucket = next((size for size in sorted(graphs) if size >= n), None)
         if bucket is None:
-            self.forward(n, num_blocks)
+            self.forward(n, num_blocks, mode)
         else:
-            self.graphs[bucket].replay()
+            graphs[bucket].replay()
         return self.logits[:n]
 
     def capture(self):
@@ -67,19 +74,23 @@ class DecodeGraphs:
         assert self.batch.num_rows == 0, "capture only while every row is padding"
         started, before = time.perf_counter(), torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
-        for size in sorted(buckets_for(self.batch.max_rows), reverse=True):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):       # warm-up compiles kernels and settles the allocator
-                self.forward(size)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.forward(size)
-            self.graphs[size] = graph
+        for mode, graphs in self.variants.items():   # unsteered batches replay graphs without the adds
+            for size in sorted(buckets_for(self.batch.max_rows), reverse=True):
+                graphs[size] = self._capture_one(size, mode, pool)
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - started
         self.graph_bytes = torch.cuda.memory_reserved() - before
+
+    def _capture_one(self, size: int, mode: str, pool) -> "torch.cuda.CUDAGraph":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):       # warm-up compiles kernels and settles the allocator
+            self.forward(size, mode=mode)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self.forward(size, mode=mode)
+        return graph
 
     def status(self) -> dict:
         return {"attention": self.attention, "cuda_graphs": bool(self.graphs), "buckets": sorted(self.graphs),

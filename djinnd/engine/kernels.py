@@ -3,8 +3,9 @@ the reference the kernels are tested against)."""
 import torch
 
 
-def decode_attention_kernel(device, head_dim: int, backend: str):
-    """The Triton paged decode kernel, or None for the torch path."""
+def decode_attention_kernel(device, head_dim: int, backend: str, num_kv_heads: int = 1, max_context: int = 0):
+    """The Triton split-K paged decode kernel, or None for the torch path. Its split count follows
+    the batch size (one per CUDA-graph bucket) and the longest context the batch can hold."""
     if backend == "torch" or torch.device(device).type != "cuda":
         return None
     from djinnd.model import triton_attention
@@ -12,7 +13,12 @@ def decode_attention_kernel(device, head_dim: int, backend: str):
         if backend == "triton":
             raise ValueError(f"the Triton decode kernel needs a power-of-two head_dim, got {head_dim}")
         return None
-    return triton_attention.paged_decode_attention
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def attend(q, k_cache, v_cache, block_tables, context_lens):
+        splits = triton_attention.num_splits_for(q.shape[0], num_kv_heads, max_context, num_sms)
+        return triton_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, splits)
+    return attend
 
 
 def fused_kernels(device, backend: str):

@@ -1,55 +1,110 @@
-"""Paged-attention decode kernel (Triton, CUDA only): one query token per session reads its K/V in
-place through the block table, with an online softmax; no gather, no mask, no host-side lengths,
-so a CUDA graph can replay it for any context. Tested against `attention.decode_attention_torch`.
+"""Paged-attention decode kernels (Triton, CUDA only): one query token per session reads its K/V in
+place through the block table. Split-K (flash-decoding): each program owns one KV head for its whole
+GQA group and one slice of the sequence, so a 32k context at batch 1 still fills the GPU and each KV
+block is read once per group; a second kernel merges the slices by log-sum-exp. The split count is
+fixed per batch size and the slices follow each session's length on the device: no host-side
+lengths, so a CUDA graph replays it for any context. Tested against `attention.decode_attention_torch`.
 """
 import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+
 
 @triton.jit
-def _paged_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr,
+def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_ptr, lse_ptr,
                   stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
-                  scale, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    b, h = tl.program_id(0), tl.program_id(1)
-    kv_head = h // GROUP
+                  scale_log2, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_lens_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N   # this session's slice, in tiles
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx)
+    g = tl.arange(0, BLOCK_H)                      # query heads of the group, padded for tl.dot
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale
-    m = tl.full([], float("-inf"), tl.float32)
-    l = tl.zeros([], tl.float32)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for start in range(0, ctx, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        valid = n < ctx
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None],
+                other=0.0)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        n = tile + tl.arange(0, BLOCK_N)
+        valid = n < end
         block = tl.load(tables_ptr + b * stride_tb + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        s = tl.where(valid, tl.sum(k * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m - m_new)
-        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        l = l * alpha + tl.sum(p, axis=0)
+        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [BLOCK_H, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
         m = m_new
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (acc / l).to(out_ptr.dtype.element_ty))
+    is_head = g < GROUP
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=is_head[:, None])
+    else:      # an empty slice (short context) leaves l = 0: weight 0 in the merge, never 0/0
+        has = l > 0
+        part = acc / tl.where(has, l, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+        at = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split          # [B, H, S] row-major
+        tl.store(part_ptr + at[:, None] * HEAD_DIM + d[None, :], part, mask=is_head[:, None])
+        tl.store(lse_ptr + at, lse, mask=is_head)
+
+
+@triton.jit
+def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, NUM_SPLITS: tl.constexpr,
+                  SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    row = (b * tl.num_programs(1) + h) * NUM_SPLITS + s
+    lse = tl.load(lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, axis=0))         # at least one slice holds a token: max is finite
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 def supports(head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 256
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_n: int = 64):
+def num_splits_for(batch: int, num_kv_heads: int, max_context: int, num_sms: int, block_n: int = 64) -> int:
+    """Slices per (session, KV head): enough programs for about four per SM, and no slice shorter
+    than four tiles at the longest context (a slice that finds no tokens returns at once)."""
+    programs = batch * num_kv_heads
+    wanted = -(-4 * num_sms // programs)
+    return max(1, min(wanted, max_context // (4 * block_n)))
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_splits: int = 1,
+                           block_n: int = 64):
     """q [B, H, D]; k_cache/v_cache [blocks, block_size, Hkv, D] of one layer; block_tables [B, max]
     int32; context_lens [B] int32 including the token itself. Returns [B, H, D]."""
     batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    _paged_decode[(batch, num_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out,
+    part = lse = out                       # unused when there is one slice
+    if num_splits > 1:
+        part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _split_decode[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5,
-        GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, HEAD_DIM=head_dim,
-        num_warps=4)
+        block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5 * LOG2E,
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, HEAD_DIM=head_dim,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    if num_splits > 1:
+        _merge_splits[(batch, num_heads)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+                                          SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out

@@ -1,0 +1,56 @@
+"""The split-K paged decode kernel, run by Triton's interpreter on CPU tensors, equals the torch
+reference on ragged random block tables (fp32; GQA groups 1, 4, 8; one slice, a few, and more
+slices than a short context has tiles). Skipped where Triton is not installed, and on CUDA machines
+(tests/test_gpu_kernels.py runs the compiled kernel there). The interpreter is chosen when Triton is
+imported, so the kernels run in a child process of their own."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+if torch.cuda.is_available():
+    pytest.skip("the compiled kernel is tested in test_gpu_kernels.py", allow_module_level=True)
+
+CASES = [(4, 4, 1), (4, 4, 5), (8, 2, 3), (16, 2, 8)]     # heads, KV heads, slices
+CHILD = """
+import json, sys, torch
+from djinnd.model.attention import decode_attention_torch
+from djinnd.model.triton_attention import paged_decode_attention
+lens, block_size, num_blocks, head_dim = [1, 15, 16, 17, 100, 513], 16, 80, 32
+errors = []
+for heads, kv_heads, num_splits in json.loads(sys.argv[1]):
+    g = torch.Generator().manual_seed(heads * 100 + num_splits)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    width = -(-max(lens) // block_size) + 2          # tables padded past the longest context
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens]).int()
+    q = torch.randn(len(lens), heads, head_dim, generator=g)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, num_splits=num_splits)
+    ref = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
+    errors.append(((out.double() - ref).norm() / ref.norm()).item())
+print(json.dumps(errors))
+"""
+
+
+def test_split_kernel_equals_the_torch_reference():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    errors = json.loads(done.stdout.splitlines()[-1])
+    assert all(e < 1e-5 for e in errors), dict(zip(map(str, CASES), errors))
+
+
+def test_split_count_fills_the_gpu_and_keeps_slices_long():
+    from djinnd.model.triton_attention import num_splits_for
+    assert num_splits_for(1, 8, 131072, 132) == 66           # 4 programs per SM at batch 1
+    assert num_splits_for(64, 8, 131072, 132) == 2
+    assert num_splits_for(1, 8, 512, 132) == 2               # no slice under 4 tiles of 64
+    assert num_splits_for(1, 8, 100, 132) == 1
