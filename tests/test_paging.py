@@ -75,19 +75,49 @@ def test_policy_none_refuses_with_the_shortfall(tmp_path, hf_tiny):
         stop_daemon(daemon)
 
 
-def test_full_host_arena_refuses_clearly_and_loses_nothing(tmp_path, hf_tiny):
+def test_a_full_host_arena_drops_kv_and_the_next_turn_recomputes_it_with_the_same_tokens(tmp_path, hf_tiny):
+    """Regression (H200 2026-12-01, 96 agents, 32 GB arena): 'NO_CAPACITY: needs 78 KV blocks, 13
+    free and none can be freed' for requests that fit the pool; NO_CAPACITY is now only for a
+    request that cannot fit even alone."""
     daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.140625",
                           "--host-arena-mb", "0.03")          # one host block: no session fits
     try:
         with libdjinn.connect(daemon.socket) as djinn:
             sessions, prompts, outs = fill_two_sessions(djinn, hf_tiny)
-            with pytest.raises(libdjinn.NoCapacity, match="host arena 1/1 blocks free"):
-                djinn.session().generate(prompt_ids=[7] * 30, max_new_tokens=10)
+            third = random_prompts(TINY_VOCAB, [30], seed=14)[0]
+            assert djinn.session().generate(prompt_ids=third, max_new_tokens=10, ignore_eos=True).tokens == \
+                hf_greedy(hf_tiny, third, 10)
             for s, p, o in zip(sessions, prompts, outs):
                 assert s.generate(prompt_ids=[9], max_new_tokens=4, ignore_eos=True).tokens == \
                     hf_greedy(hf_tiny, p + o + [9], 4)
+            with pytest.raises(libdjinn.NoCapacity, match="the pool has 8"):
+                djinn.session().generate(prompt_ids=[7] * 130, max_new_tokens=10)
+            counters = djinn.status()["counters"]
+        assert counters["kv_drops_device"] >= 1 and counters["recomputed_tokens"] >= 40
+        assert counters.get("requests_refused", 0) == 0
     finally:
         stop_daemon(daemon)
+
+
+def test_agents_oversubscribing_pool_and_arena_all_finish_with_unswapped_tokens(tmp_path, hf_tiny):
+    """Three tiers under real agents: the pool holds ~3 agents, the arena ~1; the rest is dropped
+    and recomputed, and every token equals HF's."""
+    daemon = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", POOL_MB, "--host-arena-mb", "0.0625")
+    try:
+        prompts = random_prompts(TINY_VOCAB, [30 + i % 7 for i in range(16)], seed=15)
+        pairs = list(zip(prompts[::2], prompts[1::2]))
+        agents = [spawn_agent(daemon.socket, agent_jobs(a, b)) for a, b in pairs]
+        outs = [agent.communicate(timeout=300) for agent in agents]
+        with libdjinn.connect(daemon.socket) as djinn:
+            counters = djinn.status()["counters"]
+    finally:
+        stop_daemon(daemon)
+    for (first, second), agent, (out, err) in zip(pairs, agents, outs):
+        assert agent.returncode == 0, err
+        turn1, turn2 = json.loads(out)
+        assert turn1["tokens"] == hf_greedy(hf_tiny, first, 20), err
+        assert turn2["tokens"] == hf_greedy(hf_tiny, first + turn1["tokens"] + second, 20), err
+    assert counters["swaps_out"] > 0 and counters["kv_drops_device"] + counters.get("kv_drops_host", 0) > 0
 
 
 def test_io_wait_keeps_kv_until_its_room_is_wanted_and_active_brings_it_back(tmp_path, hf_tiny):

@@ -77,22 +77,54 @@ class Pager:
         short = self.low_water_blocks - self.pool.num_free - self.freeing()
         if short > 0:   # sessions due back soon stay: evicting them would only double the copies
             for s in policies.lazy_victims(self.sessions.values(), short, now + 4 * self.prefetch_lead_s):
-                self.evict(s, "lazy")
+                self.evict(s, "lazy", may_drop=False)    # room nobody asked for yet is not worth a recompute
 
     # ---- moves -------------------------------------------------------------------------------
-    def evict(self, s: Session, cause: str) -> bool:
+    def evict(self, s: Session, cause: str, may_drop: bool = True, keep: Session | None = None) -> bool:
+        """Move s's device KV to the host arena; with the arena full, drop what is cheapest to lose
+        (may_drop; never `keep`'s). False: the KV stays where it is."""
         blocks = s.block_table
         if not policies.evicts_by_copy(self.policy):
-            self.pool.free(blocks)
-            s.block_table, s.num_cached, s.kv = [], 0, KVPlace.DROPPED
+            self.drop_kv(s)
             return True
-        if not self.arena.can_allocate(len(blocks)):
-            return False        # host arena full: the KV stays where it is
+        if not self.arena.can_allocate(len(blocks)) and not (may_drop and self._host_room(s, keep)):
+            return False
+        if s.kv is KVPlace.DROPPED:
+            return True
         runs = self.arena.allocate(len(blocks))
         s.transfers.append(self.swapper.swap_out(s.id, blocks, runs, cause))
         s.transfers[-1].free_device = blocks
         s.block_table, s.host_runs, s.kv = [], runs, KVPlace.HOST
         return True
+
+    def _host_room(self, s: Session, keep: Session | None) -> bool:
+        """The arena cannot take s's blocks: drop, cheapest to lose first, other sessions' host KV
+        until it can, or s's own device KV if that is cheaper. False: nothing could go."""
+        hosted = [v for v in self.sessions.values() if policies.droppable_from_host(v) and v is not keep]
+        can_drop_s = s.state is not SessionState.PAUSED     # mid-forward KV cannot be rebuilt
+        short, chosen = len(s.block_table) - self.arena.num_free, []
+        for v in policies.drop_order(self.policy, hosted + [s], time.monotonic()):
+            if v is s and can_drop_s:
+                break
+            if v is not s:
+                chosen.append(v)
+                short -= sum(length for _, length in v.host_runs)
+                if short <= 0:
+                    break
+        if short > 0:
+            if not can_drop_s:
+                return False
+            chosen = [s]
+        for v in chosen:
+            self.drop_kv(v)
+        return True
+
+    def drop_kv(self, s: Session):
+        """Third tier: forget s's KV (device and host); its next request prefills the history again."""
+        self.metrics.inc("kv_drops_host" if s.kv is KVPlace.HOST else "kv_drops_device")
+        self.metrics.inc("kv_dropped_tokens", s.num_cached)
+        self._free_after_copies(s, s.block_table, s.host_runs)
+        s.block_table, s.host_runs, s.num_cached, s.kv = [], [], 0, KVPlace.DROPPED
 
     def restore(self, s: Session, blocks: list[int], cause: str, after=()):
         """Copy s's swapped KV into the first of `blocks` (allocated for it by the caller), after its
@@ -118,21 +150,26 @@ class Pager:
         due = policies.returns_at(s) if due is None else due
         may_evict = reserved <= self.pool.num_free and (cause != "prefetch" or s.hinted)
         victims = policies.prefetch_victims(self.sessions.values(), s, n - spare, due) if may_evict else []
-        taken, after = self._take_blocks(victims, n - spare)
+        taken, after = self._take_blocks(victims, n - spare, s)
         if spare + len(taken) < n:
             if after:
                 after[-1].free_device += taken
+            else:
+                self.pool.free(taken)       # blocks of dropped victims only: nothing copies them
             self.metrics.inc("prefetches_deferred")
             return False
         self.restore(s, self.pool.allocate(spare) + taken, cause, after)
         s.prefetched = True
         return True
 
-    def _take_blocks(self, victims: list[Session], n: int) -> tuple[list[int], list]:
-        """Evict victims, keeping up to n of their device blocks; the rest are freed as usual."""
+    def _take_blocks(self, victims: list[Session], n: int, s: Session) -> tuple[list[int], list]:
+        """Evict victims for s, keeping up to n of their device blocks; the rest are freed as usual."""
         taken, after = [], []
         for v in victims:
-            if self.evict(v, "prefetch_room"):
+            held = len(v.block_table)
+            if self.evict(v, "prefetch_room", keep=s) and v.kv is KVPlace.DROPPED:   # its blocks are free now
+                taken += self.pool.allocate(min(held, n - len(taken)))
+            elif v.kv is KVPlace.HOST:
                 t = v.transfers[-1]
                 keep = n - len(taken)
                 taken, t.free_device = taken + t.free_device[:keep], t.free_device[keep:]

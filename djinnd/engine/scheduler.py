@@ -29,8 +29,9 @@ ORDER_KEYS = {                # admission -> what the waiting queue is sorted by
 
 class Scheduler:
     def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int, admission: str = "fifo",
-                 max_wait_s: float = 5.0):
+                 max_wait_s: float = 5.0, capacity_wait_s: float = 5.0):
         self.pool, self.pager = pool, pager
+        self.capacity_wait_s = capacity_wait_s   # room held only by paused sessions: refused after this
         self.order_key = ORDER_KEYS[admission]
         self.shortest_first = admission == "shortest"   # the step's prompt budget goes in that order too
         self.max_wait_s = max_wait_s        # a request waiting longer goes in arrival order
@@ -83,6 +84,8 @@ class Scheduler:
             if s.kv is KVPlace.HOST:
                 self.pager.restore(s, blocks, "restore")
             else:
+                if s.kv is KVPlace.DROPPED:     # its history is prefilled again: GPU time the drop cost
+                    self.pager.metrics.inc("recomputed_tokens", len(s.tokens) - s.request.num_prompt_tokens)
                 s.block_table += blocks
                 s.kv = KVPlace.DEVICE
             self.waiting.remove(s)
@@ -111,12 +114,19 @@ class Scheduler:
         if needed <= self.pool.num_free:
             return True
         shortfall = needed - self.pool.num_free - self.pager.freeing()   # evictions in flight count
-        if shortfall > 0 and self.pager.make_room(shortfall, s) == 0 and not (self.running or self.pager.busy()):
+        if shortfall > 0 and self.pager.make_room(shortfall, s) == 0 and not self.pager.busy() and self._stuck(s):
             self.waiting.remove(s)  # nothing runs, nothing can be evicted: it would wait forever
             self.refused.append((s, f"needs {needed} KV blocks, {self.pool.num_free} free and none can be "
                                     f"freed (policy {self.pager.policy}, host arena "
                                     f"{self.pager.arena.num_free}/{self.pager.arena.num_blocks} blocks free)"))
         return False
+
+    def _stuck(self, s: Session) -> bool:
+        """Nothing will free room for s: nothing runs, or all that runs is paused at breakpoints (their
+        clients decide when they go on) and s has waited capacity_wait_s."""
+        if any(r.state is SessionState.RUNNING for r in self.running):
+            return False
+        return not self.running or time.monotonic() - s.request.queued_at > self.capacity_wait_s
 
     def finish(self, s: Session):
         """The request ended: keep the blocks its tokens use, return the unused reservation."""

@@ -9,6 +9,10 @@ lru        reactive, what vLLM-style engines do: evict the least recently used i
            when the pool is full; restore on its next request
 recompute  like lru, but drop the KV and prefill the history again on the next request
 none       no virtualization: work that cannot fit is refused with an error naming the shortfall
+
+semantic and lru have three tiers: device, host arena, dropped. When the arena is full, the KV
+cheapest to lose is dropped (the victim's own, or another session's on the host) rather than the
+request refused; its next request prefills the history again (`drop_order`).
 """
 import math
 import time
@@ -91,6 +95,27 @@ def lazy_victims(sessions, num_blocks: int, not_before: float) -> list[Session]:
     far = [s for s in eviction_order("semantic", sessions)
            if s.phase is Phase.IO_WAIT and s.state is SessionState.IDLE and returns_at(s) > not_before]
     return take_until(far, num_blocks)
+
+
+def droppable_from_host(s: Session) -> bool:
+    """Idle with its KV on the host and no copy in flight: dropping it frees arena blocks now.
+    Queued sessions are about to come back, paused ones cannot be rebuilt mid-forward."""
+    return s.kv is KVPlace.HOST and s.state is SessionState.IDLE and not s.transfers and bool(s.host_runs)
+
+
+def drop_cost(s: Session, now: float) -> tuple:
+    """What losing s's KV costs: its tokens to prefill again per second of notice before it is
+    expected back (a return that is far away or unknown leaves time to recompute off the critical
+    path), then its length. Furthest return and shortest context are cheapest."""
+    slack = returns_at(s) - now
+    return (len(s.tokens) / slack if slack > 0 else math.inf, len(s.tokens))
+
+
+def drop_order(policy: str, candidates, now: float) -> list[Session]:
+    """Sessions whose KV to drop, cheapest to lose first. lru knows no returns: least recently used."""
+    if policy == "semantic":
+        return sorted(candidates, key=lambda s: drop_cost(s, now))
+    return sorted(candidates, key=lambda s: s.last_used)
 
 
 class ToolDurations:

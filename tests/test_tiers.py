@@ -1,0 +1,113 @@
+"""Three tiers of KV, one policy: device, host arena, dropped. A full arena drops the KV cheapest to
+lose (furthest return, shortest context) instead of refusing work that fits the pool."""
+import time
+
+import pytest
+
+from djinnd.session import KVPlace, Phase, SessionState
+from test_scheduler import pool_of, scheduler_of, waiting_session
+
+
+def hold(pager, sid: int, tokens: int, expected_s: float | None = None):
+    """An idle session holding the KV of `tokens` tokens on the device (4 per block), in a tool
+    call due back in expected_s (None: idle, return unknown)."""
+    s = waiting_session(sid, tokens, 0)
+    s.request, s.num_cached = None, tokens
+    s.block_table = pager.pool.allocate(pager.pool.blocks_for(tokens))
+    pager.sessions[s.id] = s
+    if expected_s is not None:
+        pager.on_phase(s, Phase.IO_WAIT, expected_s)
+    return s
+
+
+def to_host(pager, *sessions):
+    for s in sessions:
+        assert pager.evict(s, "pressure") and s.kv is KVPlace.HOST
+    pager.poll()                                # CPU copies are synchronous: done now
+
+
+def test_a_full_arena_drops_the_host_kv_due_back_last_and_takes_the_victim():
+    pager = scheduler_of(pool_of(8), "semantic", host_blocks=4).pager
+    soon, late = hold(pager, 1, 8, expected_s=5), hold(pager, 2, 8, expected_s=100)
+    to_host(pager, soon, late)                                  # the arena is full
+    victim = hold(pager, 3, 8, expected_s=50)
+    assert pager.evict(victim, "pressure")
+    assert (late.kv, victim.kv, soon.kv) == (KVPlace.DROPPED, KVPlace.HOST, KVPlace.HOST)
+    assert late.num_cached == 0 and not late.host_runs and pager.arena.num_free == 0
+    assert pager.metrics.counters["kv_drops_host"] == 1
+
+
+def test_the_victim_itself_is_dropped_when_it_is_the_cheapest_to_lose():
+    pager = scheduler_of(pool_of(8), "semantic", host_blocks=4).pager
+    soon, sooner = hold(pager, 1, 8, expected_s=5), hold(pager, 2, 8, expected_s=2)
+    to_host(pager, soon, sooner)
+    victim = hold(pager, 3, 8, expected_s=1000)
+    assert pager.evict(victim, "pressure")
+    assert victim.kv is KVPlace.DROPPED and not victim.block_table and pager.pool.num_free == 8
+    assert soon.kv is KVPlace.HOST and sooner.kv is KVPlace.HOST
+
+
+def test_among_returns_unknown_the_shortest_context_goes_first():
+    """Recompute cost grows with length."""
+    pager = scheduler_of(pool_of(12), "semantic", host_blocks=6).pager
+    long, short = hold(pager, 1, 16), hold(pager, 2, 8)
+    to_host(pager, long, short)
+    victim = hold(pager, 3, 8, expected_s=10)
+    assert pager.evict(victim, "pressure")
+    assert (short.kv, long.kv, victim.kv) == (KVPlace.DROPPED, KVPlace.HOST, KVPlace.HOST)
+
+
+def test_lru_drops_the_least_recently_used():
+    pager = scheduler_of(pool_of(8), "lru", host_blocks=4).pager
+    old, new = hold(pager, 1, 8), hold(pager, 2, 8)
+    old.last_used, new.last_used = 1.0, 2.0
+    to_host(pager, old, new)
+    victim = hold(pager, 3, 8)
+    assert pager.evict(victim, "pressure")
+    assert (old.kv, new.kv, victim.kv) == (KVPlace.DROPPED, KVPlace.HOST, KVPlace.HOST)
+
+
+def test_a_paused_session_is_never_dropped_and_queued_host_kv_stays():
+    pager = scheduler_of(pool_of(8), "semantic", host_blocks=2).pager
+    queued = hold(pager, 1, 8)
+    to_host(pager, queued)
+    queued.state = SessionState.WAITING                         # about to come back: not droppable
+    paused = hold(pager, 2, 8)
+    paused.state = SessionState.PAUSED                          # mid-forward KV cannot be rebuilt
+    assert not pager.evict(paused, "pressure")
+    assert paused.kv is KVPlace.DEVICE and queued.kv is KVPlace.HOST
+
+
+def test_lazy_eviction_never_drops():
+    pager = scheduler_of(pool_of(8), "semantic", host_blocks=0).pager
+    far = hold(pager, 1, 8, expected_s=100)
+    assert not pager.evict(far, "lazy", may_drop=False) and far.kv is KVPlace.DEVICE
+
+
+@pytest.mark.parametrize("policy", ["semantic", "lru"])
+def test_a_request_that_fits_the_pool_is_served_when_the_arena_is_full(policy):
+    """The issue's finding in miniature: 'needs 6 KV blocks, 0 free and none can be freed' before."""
+    sched = scheduler_of(pool_of(8), policy, host_blocks=2)
+    a, b = hold(sched.pager, 1, 16, expected_s=30), hold(sched.pager, 2, 16, expected_s=60)
+    new = waiting_session(3, 20, 4)                             # 6 blocks
+    sched.pager.sessions[new.id] = new
+    sched.add(new)
+    for _ in range(3):
+        sched.schedule()
+        sched.pager.poll()
+    assert not sched.refused and new.state is SessionState.RUNNING
+    assert KVPlace.DROPPED in (a.kv, b.kv)
+    sched.pool.check_integrity([s.block_table for s in (a, b, new)])
+
+
+def test_a_prefetch_drops_a_session_due_back_later_when_the_arena_is_full():
+    pager = scheduler_of(pool_of(4), "semantic", host_blocks=2).pager
+    away = hold(pager, 1, 8, expected_s=0.0)
+    to_host(pager, away)                                        # due back now; the arena is full
+    later, idle = hold(pager, 2, 8, expected_s=100), hold(pager, 3, 8)
+    idle.last_used = time.monotonic()
+    pager.tick()
+    pager.poll()
+    assert away.kv is KVPlace.DEVICE and len(away.block_table) == 2
+    assert later.kv is KVPlace.DROPPED and idle.kv is KVPlace.DEVICE
+    pager.pool.check_integrity([away.block_table, idle.block_table])
