@@ -12,6 +12,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 POLICIES = ("semantic", "lru", "recompute", "none")
 ATTENTION = ("auto", "triton", "torch")
 ADMISSION = ("fifo", "program", "shortest")
+SHARING = ("user", "group", "all", "off")
 
 
 class ConfigError(ValueError):
@@ -26,9 +27,9 @@ def _require(ok: bool, key: str, why: str):
 @dataclass(frozen=True)
 class ModelConfig:
     model: str = "smollm2-135m"   # embedded default, a random preset ("random:tiny"), or an HF model dir
-    dtype: str = "auto"           # auto: float32 on CPU, bfloat16 on CUDA
+    dtype: str = "auto"           # auto: float32 on CPU; on CUDA the checkpoint's (bf16 stays, fp32 -> fp16, as vLLM)
     seed: int = 0                 # seeds random-weight presets
-    max_model_len: int = 0        # 0: the model's own context length
+    max_model_len: int = 0        # 0: the model's own context window (131,072 for Llama 3.1); lower to cap it
     export_weights: bool = True   # pack weights in one buffer that local processes can attach (CUDA IPC / shm)
 
     def __post_init__(self):
@@ -38,7 +39,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    kv_cache_mb: float = 256.0    # the device KV block pool: the stand-in for VRAM on CPU
+    kv_cache_mb: float = 0.0      # the device KV block pool; 0: gpu_memory_utilization of the GPU (256 MiB on CPU)
+    gpu_memory_utilization: float = 0.9  # kv_cache_mb 0 on CUDA: the pool fills this share of the GPU's memory
     block_size: int = 16          # tokens per KV block
     policy: str = "semantic"      # semantic, lru, recompute or none
     host_arena_mb: float = 1024.0  # pinned host shared memory for swapped-out KV
@@ -50,9 +52,11 @@ class MemoryConfig:
     weights_budget_mb: float = 0.0  # device memory for weights (resident + ring); 0: all resident
     prefetch_depth: int = 2       # streamed layers copied ahead of the one computing (0: no prefetch)
     stream_chunk_mb: float = 0.0  # streamed copies in pieces of at most this size (0: one per layer)
+    prefix_sharing: str = "user"  # share KV blocks of equal prompt prefixes between sessions of one user, group, all, or off
 
     def __post_init__(self):
-        _require(self.kv_cache_mb > 0, "kv_cache_mb", "must be > 0")
+        _require(self.kv_cache_mb >= 0, "kv_cache_mb", "must be >= 0 (0: sized from free device memory)")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.block_size > 0, "block_size", "must be > 0")
         _require(self.policy in POLICIES, "policy", f"must be one of {POLICIES}, got {self.policy!r}")
         _require(self.host_arena_mb >= 0, "host_arena_mb", "must be >= 0")
@@ -63,6 +67,7 @@ class MemoryConfig:
         _require(self.weights_budget_mb >= 0, "weights_budget_mb", "must be >= 0 (0: all weights resident)")
         _require(self.prefetch_depth >= 0, "prefetch_depth", "must be >= 0")
         _require(self.stream_chunk_mb >= 0, "stream_chunk_mb", "must be >= 0")
+        _require(self.prefix_sharing in SHARING, "prefix_sharing", f"must be one of {SHARING}, got {self.prefix_sharing!r}")
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,18 @@ class ServerConfig:
     max_frame_bytes: int = 1 << 20
     allowed_group: str = ""       # members of this group may connect too (with socket_mode 0660)
     max_connections: int = 512    # more are answered with an error and closed
+    max_connections_per_uid: int = 448   # one user's share, so other users still get in
+    max_connections_per_pid: int = 64    # one process's share, so one process cannot take them all
     max_sessions_per_client: int = 256   # open sessions per connection
     max_requests_per_client: int = 512   # requests awaiting their final reply, per connection
     max_unread_reply_mb: float = 64.0    # reply bytes a client leaves unread before it is cut off
     max_paused_per_client: int = 8       # sessions of one connection paused at a breakpoint at once
+    max_paused: int = 16                 # the same across all connections (at most half of max_num_seqs)
     pause_timeout_s: float = 300.0       # a pause not resumed by then ends its request (TIMEOUT)
     queue_timeout_s: float = 600.0       # a request waiting this long for KV blocks is refused
+    capacity_wait_s: float = 5.0         # waiting for KV room held only by pauses: NO_CAPACITY after this
+    max_segment_mb_per_client: float = 1024.0  # shared memory (activations, logits) one connection holds
+    max_segment_mb_per_uid: float = 4096.0     # the same for all connections of one user
 
     def __post_init__(self):
         try:
@@ -106,10 +117,11 @@ class ServerConfig:
             mode = -1
         _require(0 <= mode <= 0o777, "socket_mode", f"must be octal like '0600', got {self.socket_mode!r}")
         _require(self.max_frame_bytes >= 1024, "max_frame_bytes", "must be >= 1024")
-        for key in ("max_connections", "max_sessions_per_client", "max_requests_per_client",
-                    "max_paused_per_client"):
+        for key in ("max_connections", "max_connections_per_uid", "max_connections_per_pid",
+                    "max_sessions_per_client", "max_requests_per_client", "max_paused_per_client", "max_paused"):
             _require(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("max_unread_reply_mb", "pause_timeout_s", "queue_timeout_s"):
+        for key in ("max_unread_reply_mb", "pause_timeout_s", "queue_timeout_s", "capacity_wait_s",
+                    "max_segment_mb_per_client", "max_segment_mb_per_uid"):
             _require(0 < getattr(self, key) < float("inf"), key, "must be a positive number")
 
 

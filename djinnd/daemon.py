@@ -13,7 +13,7 @@ from djinnd.engine.status import memory_probe
 from djinnd.memory.block_pool import KVBlockPool
 from djinnd.memory.host_arena import HostArena, sweep_stale_segments
 from djinnd.model.flat_weights import pack_weights
-from djinnd.model.loader import load_model
+from djinnd.model.loader import load_model, model_args
 from djinnd.metrics import TimelineSampler
 from djinnd import preflight
 from djinnd.preflight import StartupError
@@ -33,15 +33,47 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+def resolve_dtype(name: str, device: torch.device, checkpoint: str | None = None) -> torch.dtype:
+    """auto: float32 on CPU (half-precision matmuls are slow there); on CUDA the checkpoint's dtype,
+    float32 checkpoints in float16 (vLLM's rule)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if checkpoint == "bfloat16" else torch.float16
+
+
+def kv_budget_bytes(config, args, dtype, device) -> float:
+    """kv_cache_mb, or (0) on CUDA what gpu_memory_utilization leaves after the weights, other
+    processes and a reserve for one step's activations; 256 MiB on CPU, where RAM is no budget."""
+    if config.memory.kv_cache_mb:
+        return config.memory.kv_cache_mb * 2**20
+    if device.type != "cuda":
+        return 256 * 2**20
+    free, total = torch.cuda.mem_get_info(device)
+    size = torch.empty((), dtype=dtype).element_size()
+    tokens = config.engine.max_num_batched_tokens
+    activations = tokens * (4 * args.hidden_size + 3 * args.intermediate_size + args.q_size) * size * 2
+    prefix_gather = 2 * args.window * args.kv_size * size          # one layer's K/V of a long prefix
+    logits = config.engine.max_num_seqs * args.vocab_size * 4 * 3
+    reserve = activations + prefix_gather + logits + 1 * 2**30     # CUDA graphs, cuBLAS workspaces
+    budget = config.memory.gpu_memory_utilization * total - (total - free) - reserve
+    if budget <= 0:
+        raise StartupError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} of {total / 2**30:.1f} GiB "
+                           f"free after the weights; raise --gpu-memory-utilization or pass --kv-cache-mb")
+    return budget
 
 
 def build_engine(config) -> Engine:
     device = resolve_device(config.engine.device)
-    dtype = resolve_dtype(config.model.dtype, device)
+    try:
+        args = model_args(config.model.model)
+    except Exception as e:
+        raise StartupError(f"--model {config.model.model}: {e}") from None
+    dtype = resolve_dtype(config.model.dtype, device, args.torch_dtype)
+    if config.model.max_model_len > args.window:
+        raise StartupError(f"--max-model-len {config.model.max_model_len} exceeds the model's context window "
+                           f"of {args.window} tokens")
     streaming = config.memory.weights_budget_mb > 0
     where = load_device(config.model.model, dtype, device) if streaming else device
     try:
@@ -51,9 +83,8 @@ def build_engine(config) -> Engine:
     if attach_streamer(loaded.model, config.memory, device) is None and where != device:
         loaded.model.to(device)       # it fits the budget after all
     loaded.flat_weights = pack_weights(loaded.model, config.model.export_weights)
-    a = loaded.model.args
-    pool = KVBlockPool(a.num_layers, a.num_kv_heads, a.head_dim, config.memory.block_size,
-                       config.memory.kv_cache_mb * 2**20, dtype, device)
+    pool = KVBlockPool(args.num_layers, args.num_kv_heads, args.head_dim, config.memory.block_size,
+                       kv_budget_bytes(config, args, dtype, device), dtype, device)
     sweep_stale_segments()
     arena = HostArena(int(config.memory.host_arena_mb * 2**20 // pool.block_bytes), pool.host_block_shape, dtype,
                       pin=config.memory.pin_host_arena and device.type == "cuda")
@@ -70,8 +101,11 @@ def run(config, path: str) -> int:
     if warning and torch.cuda.is_available():
         print(warning, file=sys.stderr, flush=True)
     engine = build_engine(config)
-    print(f"djinnd: model {engine.loaded.label} on {engine.device}, KV pool {engine.pool.num_blocks} "
-          f"blocks of {engine.pool.block_size} tokens", flush=True)
+    pool = engine.pool
+    print(f"djinnd: model {engine.loaded.label} on {engine.device} ({str(pool.k.dtype).removeprefix('torch.')}), "
+          f"context {engine.max_model_len} tokens; KV pool {pool.num_blocks} blocks of {pool.block_size} tokens = "
+          f"{pool.num_blocks * pool.block_size:,} tokens ({pool.num_blocks * pool.block_bytes / 2**30:.2f} GiB)",
+          flush=True)
     try:
         return asyncio.run(_serve(engine, config, path))
     finally:

@@ -36,6 +36,21 @@ def check_model(name: str):
     elif name != EMBEDDED and not os.path.isdir(name):
         raise StartupError(f"--model {name}: no such model folder; pass a folder with config.json and "
                            f"*.safetensors, {EMBEDDED!r} (embedded) or random:tiny")
+    elif name != EMBEDDED:
+        check_model_folder(name)
+
+
+def check_model_folder(path: str):
+    """Refuse an architecture or feature this model cannot serve before any weight is read."""
+    from djinnd.model.llama import ModelArgs
+    from djinnd.model.loader import read_config, shard_files
+    try:
+        ModelArgs.from_hf(read_config(path))
+        shard_files(path)
+    except FileNotFoundError as e:
+        raise StartupError(f"--model {path}: {e.strerror or e}" if e.filename else f"--model {e}") from None
+    except (ValueError, KeyError) as e:
+        raise StartupError(f"--model {path}: {e if not isinstance(e, KeyError) else f'config.json has no {e}'}") from None
 
 
 def check_device(device: str, cuda_available: bool):

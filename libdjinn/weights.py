@@ -54,14 +54,15 @@ def attach_weights(conn, writable: bool = False) -> AttachedWeights:
 
 
 def hf_model(weights: AttachedWeights):
-    """transformers.LlamaForCausalLM built on the meta device, its parameters the attached tensors
-    (no copy, requires_grad off); buffers such as rotary frequencies are this process's own."""
+    """The model's own transformers class (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
+    Qwen3ForCausalLM) built on the meta device, its parameters the attached tensors (no copy,
+    requires_grad off); buffers such as rotary frequencies are this process's own."""
     import torch
     from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     with init_empty_weights():            # parameters on meta; buffers real, on CPU
-        model = LlamaForCausalLM(LlamaConfig(**weights.config))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**weights.config))
     model.load_state_dict(dict(weights.tensors), strict=False, assign=True)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]

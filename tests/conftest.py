@@ -54,11 +54,11 @@ def tiny_daemon(tmp_path_factory):
 
 
 def hf_reference(model):
-    """HF transformers' LlamaForCausalLM holding the same weights as our model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """HF transformers' model of the same family holding the same weights as our model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from djinnd.model.llama import hf_state_dict
-    hf = LlamaForCausalLM(LlamaConfig(**model.args.to_hf()))
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.args.to_hf()))
     hf.load_state_dict(hf_state_dict(model), strict=False)
     hf.tie_weights()
     return hf.eval()

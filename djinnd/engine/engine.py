@@ -10,7 +10,8 @@ from djinnd.engine import aborts
 from djinnd.engine import commands as cmd
 from djinnd.engine.commands import EngineError
 from djinnd.engine.runner import Runner
-from djinnd.engine.breakpoints import BreakpointRunner, check_layers
+from djinnd.engine.breakpoints import STOPPED, BreakpointRunner, check_layers
+from djinnd.engine.harvest import Harvester
 from djinnd.engine.ghost_forward import GhostForwards
 from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
@@ -30,7 +31,7 @@ class Engine:
     def __init__(self, loaded, pool, arena, config, device):
         self.loaded, self.pool, self.arena, self.config, self.device = loaded, pool, arena, config, device
         args = loaded.model.args
-        self.max_model_len = config.model.max_model_len or args.max_position_embeddings
+        self.max_model_len = config.model.max_model_len or args.window
         self.eos = set(args.eos_token_ids)
         self.metrics = Metrics()
         e = config.engine
@@ -42,11 +43,13 @@ class Engine:
         self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens, config.engine.admission,
-                                   config.engine.admission_max_wait_ms / 1e3)
+                                   config.engine.admission_max_wait_ms / 1e3, config.server.capacity_wait_s)
         self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.exports = WeightExports(loaded)
         self.ghost = GhostForwards(self.runner, pool, self.max_model_len,
+                                   max(e.max_num_batched_tokens, self.max_model_len))
+        self.harvester = Harvester(self.runner, pool, self.max_model_len,
                                    max(e.max_num_batched_tokens, self.max_model_len))
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
@@ -135,6 +138,8 @@ class Engine:
     def _exit(self):
         for s in self.sessions.values():      # no activation segment outlives the engine
             self.breaks.discard(s)
+        self.runner.interventions.close_all()
+        self.harvester.close()
         if self._stop.is_set():
             return
         self.dead = True
@@ -167,6 +172,7 @@ class Engine:
                 cmd.Resume: self._resume, cmd.Cancel: self._cancel,
                 cmd.AttachWeights: self._attach_weights, cmd.DetachWeights: self._detach_weights,
                 cmd.GhostForward: self._ghost_forward, cmd.ModelConfig: self._model_config,
+                cmd.Harvest: self._harvest,
             }[type(c)](c)
         except EngineError as e:
             c.reply(cmd.Failed(e.code, e.message))
@@ -200,6 +206,7 @@ class Engine:
         self.scheduler.drop(s)
         self.breaks.discard(s)
         self.runner.forget(s.id)
+        self.runner.interventions.close(s.id)
         s.request = None          # a decode step still in flight drops its token for this session
         self.metrics.inc("sessions_closed")
 
@@ -244,13 +251,24 @@ class Engine:
             raise EngineError(ErrorCode.BAD_REQUEST, bad_layers)
         if c.params.breakpoints and (why := aborts.pause_limit_reached(self, c.owner)):
             raise EngineError(ErrorCode.LIMIT, why)
+        captures = self._start_interventions(s, c, keep)
         self.pager.truncate(s, keep)
         s.tokens.extend(c.prompt_ids)
         s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
         s.prefetched = False
         self.replies[s.id] = c.reply
+        if captures:
+            c.reply(captures)
         self.scheduler.add(s)
         self.metrics.inc("requests")
+
+    def _start_interventions(self, s: Session, c: cmd.Generate, keep: int):
+        """Steering vectors and the capture segment of the request (engine/interventions.py)."""
+        try:
+            return self.runner.interventions.start(s.id, c.interventions, keep, len(c.prompt_ids),
+                                                   c.params.max_new_tokens)
+        except MemoryError as e:
+            raise EngineError(ErrorCode.NO_CAPACITY, f"session {s.id}: capture: {e}") from None
 
     def _resume(self, c: cmd.Resume):
         s = self._owned(c.owner, c.session)
@@ -271,10 +289,10 @@ class Engine:
             self._after_forward(s, self.breaks.proceed(s))
         plan = self.scheduler.schedule()
         self._refuse(self.scheduler.refused)
-        stepped = [s for s in plan.decode + [s for s, _ in plan.prefill] if self.breaks.layers_now(s)]
+        stepped = [s for s in plan.decode + [s for s, _ in plan.prefill] if self.breaks.is_stepped(s)]
         for s in stepped:                     # each on its own, so a pause never holds the batch
             self.runner.batch.remove(s.id)
-            self._after_forward(s, self.breaks.start(s, self.breaks.layers_now(s)))
+            self._after_forward(s, self.breaks.start(s))
         decode = [s for s in plan.decode if s not in stepped]
         prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
         if not (decode or prefill or stepped):
@@ -310,7 +328,9 @@ class Engine:
                 self._append(s, token)
 
     def _after_forward(self, s: Session, token: int | None):
-        if token is not None:
+        if token == STOPPED:     # stop_at_layer: no token; the history is left as it was (no KV past the layer)
+            aborts.abort(self, s, cmd.Done([], "stop_at_layer", s.request.num_prompt_tokens, s.request.num_cached))
+        elif token is not None:
             self._append(s, token)
         elif s.state is SessionState.PAUSED and s.paused.resumed_at is None:
             p = s.paused
@@ -377,6 +397,10 @@ class Engine:
         c.reply(cmd.Result({"logits": self.ghost.run(c.owner, c.input_ids)}))
         self.metrics.inc("ghost_forwards")
 
+    def _harvest(self, c: cmd.Harvest):
+        c.reply(cmd.Result(self.harvester.run(c.owner, c.prompts, c.layers)))
+        self.metrics.inc("harvest_tokens", sum(len(p) for p in c.prompts))
+
     def _model_config(self, c: cmd.ModelConfig):
         c.reply(cmd.Result({"config": self.loaded.model.args.to_hf(), "label": self.loaded.label}))
 
@@ -384,6 +408,7 @@ class Engine:
         """A connection closed: its attachment and its last forward's logits go with it."""
         self.exports.detach(owner)
         self.ghost.release(owner)
+        self.harvester.release(owner)
 
     def close_weights(self):
         """At shutdown: unlink the weights segment and any logits segments."""

@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from djinnd.model.rope import apply_rope, check_rope, rope_tables
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # HF model_type values this one model serves
+
+
+class UnsupportedModel(ValueError):
+    """A config.json this model cannot serve; the message names the key and its value."""
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -27,36 +36,74 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple = (2,)
+    model_type: str = "llama"     # the HF family: which transformers class hf_model() builds
+    rope_scaling: tuple = ()      # the config's rope scaling as sorted (key, value) pairs; () for none
+    qkv_bias: bool = False        # Qwen2 (and Llama's attention_bias): biases on q, k and v
+    o_bias: bool = False          # Llama's and Qwen3's attention_bias also bias o_proj
+    qk_norm: bool = False         # Qwen3: RMSNorm over each head of q and k before RoPE
+    sliding_window: int | None = None   # Mistral v0.1: attention reaches this far back; contexts stay within it
+    torch_dtype: str | None = None      # the checkpoint's dtype, from config.json
 
     @classmethod
     def from_hf(cls, c: dict) -> "ModelArgs":
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"rope type {rope['rope_type']!r} is not supported yet")
+        """From a config.json; UnsupportedModel names the key of anything this model cannot serve."""
+        family = c.get("model_type", "llama")
+        _check_supported(c, family)
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        try:
+            rope = check_rope(rope)
+        except ValueError as e:
+            raise UnsupportedModel(f"config.json rope scaling: {e}") from None
         eos = c.get("eos_token_id")
         heads = c["num_attention_heads"]
+        bias = bool(c.get("attention_bias", False))
         return cls(
             vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
             num_heads=heads, num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             rms_norm_eps=c.get("rms_norm_eps", 1e-5),
-            rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
+            rope_theta=(c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0)),
             max_position_embeddings=c.get("max_position_embeddings", 4096),
             tie_word_embeddings=c.get("tie_word_embeddings", False),
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            model_type=family,
+            rope_scaling=tuple(sorted(rope.items())) if rope["rope_type"] != "default" else (),
+            qkv_bias=family == "qwen2" or bias, o_bias=bias and family != "qwen2",
+            qk_norm=family == "qwen3", sliding_window=_sliding_window(c, family),
+            torch_dtype=c.get("dtype") or c.get("torch_dtype"),
         )
 
     def to_hf(self) -> dict:
-        return dict(
-            model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+        """A config dict for this family's transformers class (AutoConfig.for_model(**it))."""
+        out = dict(
+            model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
             head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings, bos_token_id=self.bos_token_id,
-            eos_token_id=list(self.eos_token_ids), attention_bias=False, mlp_bias=False)
+            eos_token_id=list(self.eos_token_ids))
+        if self.rope_scaling:
+            out["rope_scaling"] = {**dict(self.rope_scaling), "rope_theta": self.rope_theta}
+        if self.model_type in ("llama", "qwen3"):
+            out["attention_bias"] = self.o_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = False
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
+        return out
+
+    @property
+    def rope(self) -> dict:
+        return dict(self.rope_scaling)
+
+    @property
+    def window(self) -> int:
+        """The longest context this model serves: its position window, or a shorter sliding window
+        (within which sliding-window attention equals full attention)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @property
     def q_size(self) -> int:
@@ -65,6 +112,34 @@ class ModelArgs:
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+
+def _check_supported(c: dict, family: str):
+    def refuse(key, why):
+        raise UnsupportedModel(f"config.json {key} = {c.get(key)!r}: {why}")
+    if family not in FAMILIES:
+        refuse("model_type", f"not supported; djinnd serves {', '.join(FAMILIES)} (Llama 2/3, Mistral, "
+                             "Qwen2/2.5, Qwen3, SmolLM)")
+    if c.get("quantization_config"):
+        method = c["quantization_config"].get("quant_method", "?") if isinstance(c["quantization_config"], dict) else "?"
+        raise UnsupportedModel(f"config.json quantization_config (quant_method {method!r}): quantized "
+                               "checkpoints are not supported; use a bf16/fp16 checkpoint")
+    if any(k in c for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        raise UnsupportedModel("config.json num_experts: mixture-of-experts models are not supported")
+    if c.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "only silu is supported")
+    if c.get("mlp_bias"):
+        refuse("mlp_bias", "MLP biases are not supported")
+
+
+def _sliding_window(c: dict, family: str) -> int | None:
+    window = c.get("sliding_window")
+    if family.startswith("qwen"):
+        if c.get("use_sliding_window"):
+            raise UnsupportedModel(f"config.json use_sliding_window = true (sliding_window {window}): "
+                                   "sliding-window attention is not supported")
+        return None
+    return window if family == "mistral" and window and window < c.get("max_position_embeddings", 4096) else None
 
 
 class RMSNorm(nn.Module):
@@ -80,38 +155,34 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(max_positions: int, head_dim: int, theta: float, dtype, device):
-    """cos/sin [max_positions, head_dim], computed once in float32 as HF does, then cast."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    freqs = torch.arange(max_positions, device=device).float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):
-    """x [T, heads, D]; cos/sin [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
         self.sizes = [a.q_size, a.kv_size, a.kv_size]
-        self.qkv_proj = nn.Linear(a.hidden_size, sum(self.sizes), bias=False)
-        self.o_proj = nn.Linear(a.q_size, a.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(a.hidden_size, sum(self.sizes), bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.q_size, a.hidden_size, bias=a.o_bias)
+        self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
+        self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
 
     def forward(self, x, ctx, k_cache, v_cache):
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:      # Qwen3: each head normalized before rotation
+            q, k = self._head_norm(self.q_norm, q, ctx.fused), self._head_norm(self.k_norm, k, ctx.fused)
         if ctx.fused is not None:        # rotates q and k in place, in one kernel each
             q, k = ctx.fused.rope_(q, ctx.cos, ctx.sin), ctx.fused.rope_(k, ctx.cos, ctx.sin)
         else:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         out = ctx.attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), k_cache, v_cache)
         return self.o_proj(out.reshape(x.shape[0], -1))
+
+    @staticmethod
+    def _head_norm(norm, x, fused):
+        """x [T, heads, D] -> RMSNorm over D, one row per (token, head)."""
+        if fused is None:
+            return norm(x)
+        return fused.rms_norm(x.reshape(-1, x.shape[-1]), norm.weight, norm.eps).view(x.shape)
 
 
 class MLP(nn.Module):
@@ -173,18 +244,22 @@ class LlamaForCausalLM(nn.Module):
         """cos/sin [T, 1, head_dim] for each token's position, from tables built once."""
         if self._rope is None or self._rope[0].dtype != dtype:
             a = self.args
-            self._rope = rope_tables(a.max_position_embeddings, a.head_dim, a.rope_theta, dtype, positions.device)
+            self._rope = rope_tables(a.max_position_embeddings, a.head_dim, a.rope_theta, a.rope, dtype,
+                                     positions.device)
         cos, sin = self._rope
         return cos[positions][:, None], sin[positions][:, None]
 
-    def run_layers(self, h, ctx, k_cache, v_cache, start: int = 0, stop: int | None = None):
-        """Layers [start, stop) over hidden states h [T, hidden]; k_cache/v_cache [L, blocks, ...]."""
+    def run_layers(self, h, ctx, k_cache, v_cache, start: int = 0, stop: int | None = None, after=None):
+        """Layers [start, stop) over hidden states h [T, hidden]; k_cache/v_cache [L, blocks, ...].
+        after(i, h) -> h, if given, sees (and may replace) each layer's output: steering, capture."""
         for i in range(start, self.args.num_layers if stop is None else stop):
             if self.streamer is not None:
                 self.streamer.before_layer(i)
             h = self.model.layers[i](h, ctx, k_cache[i], v_cache[i])
             if self.streamer is not None:
                 self.streamer.after_layer(i)
+            if after is not None:
+                h = after(i, h)
         return h
 
     def logits(self, h):
@@ -196,31 +271,32 @@ class LlamaForCausalLM(nn.Module):
 FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def _fused_sizes(a: ModelArgs, fused: str) -> list[int]:
-    return [a.q_size, a.kv_size, a.kv_size] if fused.endswith("qkv_proj") else [a.intermediate_size] * 2
+def _pieces(a: ModelArgs, fused: str) -> list[tuple[str, int, int]]:
+    """(HF part, first row, rows) of each piece of a fused weight or bias."""
+    sizes = [a.q_size, a.kv_size, a.kv_size] if fused.endswith("qkv_proj") else [a.intermediate_size] * 2
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return list(zip(FUSED[fused], starts, sizes))
+
+
+def hf_to_fused(name: str, a: ModelArgs) -> tuple[str, int, int] | None:
+    """An HF name of a q/k/v or gate/up weight or bias -> (our fused name, first row, rows)."""
+    for fused in FUSED:
+        module = fused.split(".")[0]
+        for part, start, rows in _pieces(a, fused):
+            if f".{module}.{part}." in name:
+                return name.replace(f".{module}.{part}.", f".{fused}."), start, rows
+    return None
 
 
 def hf_state_dict(model: LlamaForCausalLM) -> dict:
-    """HF-named tensors; q/k/v and gate/up are row slices (views) of the fused weights."""
+    """HF-named tensors; q/k/v and gate/up are row slices (views) of the fused weights and biases."""
     out = {}
     for name, tensor in model.state_dict().items():
-        fused = next((f for f in FUSED if name.endswith(f + ".weight")), None)
+        fused = next((f for f in FUSED if f".{f}." in name), None)
         if fused is None:
             out[name] = tensor
             continue
-        prefix = name[:-len(fused + ".weight")] + fused.split(".")[0]
-        for part, piece in zip(FUSED[fused], tensor.split(_fused_sizes(model.args, fused))):
-            out[f"{prefix}.{part}.weight"] = piece
-    return out
-
-
-def fuse_hf_state(state: dict, a: ModelArgs) -> dict:
-    """HF-named weights -> this model's names, concatenating q/k/v and gate/up."""
-    out = dict(state)
-    for i in range(a.num_layers):
-        for fused, parts in FUSED.items():
-            module, prefix = fused.split(".")[0], f"model.layers.{i}."
-            names = [f"{prefix}{module}.{p}.weight" for p in parts]
-            if all(n in out for n in names):
-                out[f"{prefix}{fused}.weight"] = torch.cat([out.pop(n) for n in names])
+        module = fused.split(".")[0]
+        for part, start, rows in _pieces(model.args, fused):
+            out[name.replace(f".{fused}.", f".{module}.{part}.")] = tensor[start:start + rows]
     return out

@@ -7,12 +7,14 @@ starts read plain tensors.
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from djinnd.model.llama import LlamaForCausalLM, ModelArgs, fuse_hf_state
+from djinnd.model.llama import LlamaForCausalLM, ModelArgs, UnsupportedModel, hf_to_fused
 from djinnd.model.presets import PRESETS, build_random
 
 EMBEDDED = "smollm2-135m"
@@ -71,39 +73,78 @@ def _convert_gguf(gguf_path: str, out: str):
         pass                      # another process won the race; its copy is identical
 
 
-def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
+def read_config(path: str) -> dict:
     with open(os.path.join(path, "config.json")) as fh:
-        config = json.load(fh)
-    if config.get("model_type") not in ("llama", "mistral", None):
-        raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not a Llama-family model")
-    args = ModelArgs.from_hf(config)
+        return json.load(fh)
+
+
+def shard_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files: those the index names, else every *.safetensors."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            names = sorted(set(json.load(fh)["weight_map"].values()))
+    else:
+        names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not names:
+        other = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".gguf"))]
+        raise FileNotFoundError(f"{path}: no *.safetensors weights" + (
+            f" (found {other[0]}: convert it to safetensors)" if other else ""))
+    return [os.path.join(path, n) for n in names]
+
+
+def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
+    """Allocate the model on `device` once, then copy each checkpoint tensor into its place (q/k/v and
+    gate/up into their rows of the fused parameters), one tensor at a time: host memory holds one
+    mapped shard, never the whole model twice."""
+    args = ModelArgs.from_hf(read_config(path))
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
-    state = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            state.update(load_file(os.path.join(path, name), device=str(device)))
-    if not state:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights")
-    state = {k: v.to(dtype) for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    state = fuse_hf_state(state, args)
-    if args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.load_state_dict(state, strict=False, assign=True)
+    model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    params = dict(model.named_parameters())           # a tied lm_head is the embedding, listed once
+    rows_loaded = dict.fromkeys(params, 0)
+    files = shard_files(path)
+    with progress_bar(sum(os.path.getsize(f) for f in files), path) as bar, torch.no_grad():
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as shard:
+                for key in shard.keys():
+                    _copy_tensor(key, shard, params, rows_loaded, args, path)
+            bar.update(os.path.getsize(file))
+    missing = [n for n, rows in rows_loaded.items() if rows < params[n].shape[0]]
     if missing:
         raise ValueError(f"{path}: weights missing for {missing[:3]}")
     return model.eval().requires_grad_(False)   # never trained: no autograd history on weight copies
+
+
+def _copy_tensor(key: str, shard, params: dict, rows_loaded: dict, args: ModelArgs, path: str):
+    """One checkpoint tensor into its parameter (or its rows of a fused one), cast to the model dtype."""
+    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and args.tie_word_embeddings):
+        return
+    name, start, rows = hf_to_fused(key, args) or (key, 0, None)
+    if name not in params:
+        raise UnsupportedModel(f"{path}: unexpected tensor {key!r} for model_type {args.model_type!r}")
+    target = params[name] if rows is None else params[name][start:start + rows]
+    tensor = shard.get_tensor(key)
+    if tensor.shape != target.shape:
+        raise ValueError(f"{path}: tensor {key} has shape {list(tensor.shape)}; config.json implies "
+                         f"{list(target.shape)}")
+    target.copy_(tensor)
+    rows_loaded[name] += target.shape[0]
+
+
+def progress_bar(total_bytes: int, path: str):
+    """A bar on stderr for loads of over a GiB (a few seconds); silent for small models and tests."""
+    from tqdm import tqdm
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"loading {os.path.basename(path.rstrip('/'))}",
+                disable=total_bytes < 2**30, file=sys.stderr, mininterval=1.0)
 
 
 def model_args(name: str) -> ModelArgs:
     """A model's shape without its weights (to size KV pools before loading)."""
     if name.startswith("random:"):
         return PRESETS[name.split(":", 1)[1]]
-    with open(os.path.join(embedded_model_dir() if name == EMBEDDED else name, "config.json")) as fh:
-        return ModelArgs.from_hf(json.load(fh))
+    return ModelArgs.from_hf(read_config(embedded_model_dir() if name == EMBEDDED else name))
 
 
 def load_model(name: str, seed: int, dtype, device) -> LoadedModel:

@@ -4,19 +4,42 @@ import torch
 
 from djinnd.model.llama import LlamaForCausalLM, ModelArgs
 
+LLAMA3_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+               ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+LLAMA3 = dict(vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+              bos_token_id=128000, eos_token_ids=(128001, 128008, 128009), rope_scaling=LLAMA3_ROPE,
+              torch_dtype="bfloat16")
+QWEN = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=None, torch_dtype="bfloat16")
+
 PRESETS = {
     "tiny": ModelArgs(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=4,
                       num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024,
                       eos_token_ids=(2,)),
     "llama-2-7b": ModelArgs(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                             num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128,
-                            max_position_embeddings=4096),
+                            max_position_embeddings=4096, torch_dtype="float16"),
     "llama-2-13b": ModelArgs(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
                              num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128,
-                             max_position_embeddings=4096),
+                             max_position_embeddings=4096, torch_dtype="float16"),
     "llama-2-34b": ModelArgs(vocab_size=32000, hidden_size=8192, intermediate_size=22016,   # CodeLlama-34B shapes
                              num_layers=48, num_heads=64, num_kv_heads=8, head_dim=128,
-                             max_position_embeddings=4096),
+                             max_position_embeddings=4096, torch_dtype="float16"),
+    "llama-3.2-1b": ModelArgs(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                              num_kv_heads=8, head_dim=64, tie_word_embeddings=True,
+                              **{**LLAMA3, "rope_scaling": (("factor", 32.0),) + LLAMA3_ROPE[1:]}),
+    "llama-3.1-8b": ModelArgs(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                              num_kv_heads=8, head_dim=128, **LLAMA3),
+    "llama-3.1-70b": ModelArgs(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                               num_kv_heads=8, head_dim=128, **LLAMA3),
+    "qwen2.5-7b": ModelArgs(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                            num_heads=28, num_kv_heads=4, head_dim=128, max_position_embeddings=32768,
+                            eos_token_ids=(151645, 151643), model_type="qwen2", qkv_bias=True, **QWEN),
+    "qwen2.5-32b": ModelArgs(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64,
+                             num_heads=40, num_kv_heads=8, head_dim=128, max_position_embeddings=32768,
+                             eos_token_ids=(151645, 151643), model_type="qwen2", qkv_bias=True, **QWEN),
+    "qwen3-8b": ModelArgs(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                          num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=40960,
+                          eos_token_ids=(151645, 151643), model_type="qwen3", qk_norm=True, **QWEN),
 }
 
 
@@ -32,6 +55,8 @@ def build_random(name: str, seed: int, dtype, device) -> LlamaForCausalLM:
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif pname.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.1).to(dtype))
             else:  # std 1/sqrt(fan_in) keeps activations O(1), so greedy argmax is not a coin toss
                 p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
                         .mul_(p.shape[-1] ** -0.5).to(dtype))
