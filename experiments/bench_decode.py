@@ -75,9 +75,10 @@ def engine_decode_tps(client, prompts, new_tokens) -> float:
 
 
 def hf_model(model):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The family's transformers class (Llama, Qwen2, Qwen3, Mistral) sharing our weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
-        hf = LlamaForCausalLM(LlamaConfig(**model.args.to_hf()))
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.args.to_hf()))
     hf.load_state_dict(hf_state_dict(model), strict=False, assign=True)   # shares our weights' memory
     hf.tie_weights()
     # the rotary table is a buffer computed at construction: build it again on the real device

@@ -15,11 +15,11 @@ import torch
 
 
 def load(preset: str, device: str, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from djinnd.model.presets import PRESETS
     with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**PRESETS[preset].to_hf())).to(dtype)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**PRESETS[preset].to_hf())).to(dtype)
     model = model.to_empty(device=device)          # the weights in their dtype only, never fp32 first
     rotary = model.model.rotary_emb                # to_empty left its frequencies unset
     model.model.rotary_emb = type(rotary)(config=model.config).to(device)

@@ -117,16 +117,14 @@ def decode_step_s(client, batch, new_tokens) -> float:
 
 # ---- HF Accelerate on the same weights ------------------------------------------------------
 def accelerate_model(model, num_resident: int):
-    """HF LlamaForCausalLM sharing our tensors; layers >= num_resident offloaded to host by Accelerate."""
+    """The family's HF model sharing our tensors; layers >= num_resident offloaded to host by Accelerate."""
     from accelerate import dispatch_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-    config = LlamaConfig(**model.args.to_hf())
+    from transformers import AutoConfig, AutoModelForCausalLM
     with torch.device("meta"):
-        hf = LlamaForCausalLM(config)
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**model.args.to_hf()))
     hf.load_state_dict(hf_state_dict(model), strict=False, assign=True)   # shares our tensors: no copy
     with torch.device(DEVICE):        # its inv_freq buffer is not in the state dict
-        hf.model.rotary_emb = LlamaRotaryEmbedding(config)
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config)
     gpu = 0 if CUDA else "cpu"
     device_map = {"model.embed_tokens": gpu, "model.norm": gpu, "model.rotary_emb": gpu, "lm_head": gpu}
     device_map.update({f"model.layers.{i}": gpu if i < num_resident else "cpu" for i in range(model.args.num_layers)})
