@@ -107,3 +107,26 @@ def test_a_graph_of_the_split_kernel_replays_for_other_contexts_and_tables():
         graph.replay()
         ref = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
         assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("prefix,chunk", [(0, 700), (16384, 512), (24000, 1024)])
+def test_prefill_chunk_over_a_long_paged_prefix_equals_the_reference(prefix, chunk):
+    """bf16, GQA group 4: the chunk attends to its prefix through the block table, bottom-right causal."""
+    from djinnd.model.attention import build_prefill_metadata, prefill_attention
+    from torch.nn.attention.bias import causal_lower_right
+    g = torch.Generator(device="cuda").manual_seed(3)
+    block_size, kv_heads, heads, head_dim, ctx = 16, 8, 32, 128, prefix + chunk
+    num_blocks = -(-ctx // block_size) + 8
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    table = torch.randperm(num_blocks, device="cuda", generator=g)[:-(-ctx // block_size)].tolist()
+    meta = build_prefill_metadata([chunk], [ctx], [table], block_size, "cuda")
+    q = torch.randn(chunk, heads, head_dim, device="cuda", generator=g).bfloat16()
+    k = torch.randn(chunk, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    v = torch.randn(chunk, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta)
+    keys = k_cache[table].flatten(0, 1)[:ctx].double().repeat_interleave(4, 1).transpose(0, 1)[None]
+    values = v_cache[table].flatten(0, 1)[:ctx].double().repeat_interleave(4, 1).transpose(0, 1)[None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double().transpose(0, 1)[None], keys, values,
+                                                           attn_mask=causal_lower_right(chunk, ctx))
+    assert rel_err(out, ref[0].transpose(0, 1)) < TOL[torch.bfloat16]

@@ -66,11 +66,21 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: PrefillMetadata):
             ki = k_cache[blocks].flatten(0, 1)[:ctx]                             # [ctx, Hkv, D]
             vi = v_cache[blocks].flatten(0, 1)[:ctx]
             mask, causal = causal_lower_right(q_len, ctx), False
-        o = F.scaled_dot_product_attention(qi, ki.transpose(0, 1)[None], vi.transpose(0, 1)[None],
-                                           attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]
+        if mask is not None and qi.is_cuda and qi.dtype in (torch.float16, torch.bfloat16) and qi.shape[-1] <= 256:
+            o = _flash_bottom_right(qi, ki, vi)
+        else:
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         out[start:start + q_len] = o[0].transpose(0, 1)
         start += q_len
     return out
+
+
+def _flash_bottom_right(q, k, v):
+    """q [1, H, q, D] after a prefix: k/v [1, Hkv, ctx, D]. FlashAttention-2 aligns its causal mask
+    bottom-right and reads GQA heads natively, so a 2k chunk over a 128k prefix costs no mask and no
+    expanded copy (SDPA's lower-right bias may fall back to a materialized q x ctx mask)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)[0]
 
 
 def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, num_blocks: int):
