@@ -9,10 +9,12 @@ import os
 import queue
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from libdjinn.interventions import Activations, Harvest, harvest_batches, steer_fields
 from libdjinn.paths import default_socket_path, tmp_socket_path, untrusted_folder
 from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, decode_body, encode_frame
+from libdjinn.shm import MappedTensor
 from libdjinn.trace import Pause, Trace  # noqa: F401
 
 
@@ -55,12 +57,20 @@ class Generation:
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int
+    activations: Activations | dict = field(default_factory=dict)   # capture=[...]: layer -> view [rows, hidden]
 
 
 @dataclass
 class TokenEvent:
     token: int
     text: str | None
+    activations: Activations | None = None   # capture=[...]: the rows computed up to this token
+
+
+def generation(reply: dict, captured: Activations | None = None) -> Generation:
+    acts = captured.upto(len(reply["tokens"])) if captured else {}
+    return Generation(reply["text"], reply["tokens"], reply["finish_reason"], reply["prompt_tokens"],
+                      reply["cached_tokens"], acts)
 
 
 class Connection:
@@ -72,6 +82,7 @@ class Connection:
         self._pending: dict[int, queue.Queue] = {}
         self._lock = threading.Lock()
         self._closed: Exception | None = None
+        self._harvesting, self._harvest_tokens = threading.Lock(), 2048
         threading.Thread(target=self._read_loop, name="libdjinn-reader", daemon=True).start()
         self.info = self.request("hello", version=PROTOCOL_VERSION, pid=os.getpid())
 
@@ -80,6 +91,19 @@ class Connection:
 
     def status(self) -> dict:
         return self.request("status")
+
+    def harvest(self, prompts: list[list[int]], layers: list[int]) -> Harvest:
+        """The outputs of decoder `layers` for every token of `prompts` (lists of token ids), batched
+        across prompts at prefill speed, the forward cut after the deepest layer, nothing sampled and
+        no session touched. h[layer]: [total tokens, hidden]; h.prompt(i, layer): prompt i's rows."""
+        with self._harvesting:       # the daemon replaces a connection's harvest segment at its next call
+            parts, rest = [], [list(p) for p in prompts]
+            while rest:
+                batch = harvest_batches(rest, self._harvest_tokens)[0]
+                reply = self.request("harvest", prompts=batch, layers=list(layers))
+                parts.append((MappedTensor(reply["tensor"]), reply["lengths"]))   # mapped before the next call
+                self._harvest_tokens, rest = reply["max_tokens"], rest[len(batch):]
+            return Harvest(list(layers), parts)
 
     def attach_weights(self, writable: bool = False):
         """The daemon's weights as HF-named torch tensors sharing its memory, read-only (libdjinn/weights.py)."""
@@ -110,7 +134,7 @@ class Connection:
                 except queue.Empty:
                     raise Timeout(ErrorCode.TIMEOUT, f"{kind}: no reply from djinnd at {self.path} within "
                                   f"{self.timeout:g} s") from None
-                finished = isinstance(reply, Exception) or reply["type"] not in ("token", "paused")
+                finished = isinstance(reply, Exception) or reply["type"] not in ("token", "paused", "capture")
                 if isinstance(reply, Exception):
                     raise reply
                 yield reply
@@ -179,35 +203,49 @@ class Session:
     def __init__(self, conn: Connection, session_id: int):
         self.conn, self.id = conn, session_id
 
-    def generate(self, prompt: str | None = None, *, prompt_ids=None, messages=None, hooks=None, hook_steps=(0,),
-                 **sampling) -> Generation:
+    def generate(self, prompt: str | None = None, *, prompt_ids=None, messages=None, hooks=None, hook_steps="all",
+                 steer=None, capture=None, **sampling) -> Generation:
         """Append the prompt (text, token ids, or chat messages) and generate; returns the whole reply.
         sampling: max_new_tokens, temperature (0 = greedy), top_p, seed, ignore_eos.
+        steer: {layer: vector or Steer} added to that decoder layer's output, in the batch (no pause).
+        capture: [layer, ...]: Generation.activations[layer] holds that layer's output for every prompt
+        and generated token (a zero-copy view on this session's shared memory).
         hooks: {layer: fn(pause)} run on the output of that decoder layer in forwards `hook_steps`
-        (0 = the prompt's, k = the k-th new token's, or "all"); fn edits pause.hidden in place."""
+        ("all", the default, as an HF forward hook; or a list: 0 = the prompt's, k = the k-th new
+        token's); fn edits pause.hidden in place, or returns a tensor that replaces it. Each call is a
+        round trip: prefer steer/capture where they do the job."""
         if hooks:
             trace = self.trace(prompt, prompt_ids=prompt_ids, messages=messages, steps=hook_steps,
-                               breakpoints=sorted(hooks), **sampling)
+                               breakpoints=sorted(hooks), steer=steer, capture=capture, **sampling)
             for pause in trace:
-                hooks[pause.layer](pause)
+                replacement = hooks[pause.layer](pause)
+                if replacement is not None:
+                    pause.resume(replacement)
             return trace.result
-        final = self.conn.request("generate", **self._generate_fields(prompt, prompt_ids, messages, sampling))
-        return Generation(final["text"], final["tokens"], final["finish_reason"],
-                          final["prompt_tokens"], final["cached_tokens"])
+        captured = None
+        fields = self._generate_fields(prompt, prompt_ids, messages, sampling, steer, capture)
+        for reply in self.conn.replies("generate", **fields):
+            if raise_for(reply)["type"] == "capture":
+                captured = Activations(reply)
+        return generation(reply, captured)
 
     def chat(self, message: str, **sampling) -> Generation:
         """One user turn through the model's chat template; history stays resident in the daemon."""
         return self.generate(messages=[{"role": "user", "content": message}], **sampling)
 
-    def stream(self, prompt: str | None = None, *, prompt_ids=None, messages=None, **sampling):
-        """Yield a TokenEvent per token as it is produced."""
-        fields = self._generate_fields(prompt, prompt_ids, messages, sampling)
-        replies = self.conn.replies("generate", stream=True, **fields)
+    def stream(self, prompt: str | None = None, *, prompt_ids=None, messages=None, steer=None, capture=None,
+               **sampling):
+        """Yield a TokenEvent per token as it is produced (with capture: the rows computed so far)."""
+        fields = self._generate_fields(prompt, prompt_ids, messages, sampling, steer, capture)
+        replies, captured, count = self.conn.replies("generate", stream=True, **fields), None, 0
         try:
             for reply in replies:
                 raise_for(reply)
-                if reply["type"] == "token":
-                    yield TokenEvent(reply["token"], reply["text"])
+                if reply["type"] == "capture":
+                    captured = Activations(reply)
+                elif reply["type"] == "token":
+                    count += 1
+                    yield TokenEvent(reply["token"], reply["text"], captured.upto(count) if captured else None)
         finally:
             replies.close()     # an abandoned stream is cancelled in the daemon
 
@@ -216,10 +254,13 @@ class Session:
         return self.conn.request("cancel", session=self.id)
 
     def trace(self, prompt: str | None = None, *, prompt_ids=None, messages=None, breakpoints=(), steps=(0,),
-              **sampling) -> "Trace":
+              steer=None, capture=None, stop_at_layer=None, **sampling) -> "Trace":
         """Generate with pauses after the given decoder layers, in forwards `steps` (or "all");
-        iterate over the returned Trace to get each Pause, then read trace.result."""
-        fields = self._generate_fields(prompt, prompt_ids, messages, sampling)
+        iterate over the returned Trace to get each Pause, then read trace.result. stop_at_layer=L
+        ends the prompt's forward after layer L: nothing is sampled and the history is left as it was."""
+        fields = self._generate_fields(prompt, prompt_ids, messages, sampling, steer, capture)
+        if stop_at_layer is not None:
+            fields["stop_at_layer"] = stop_at_layer
         fields["breakpoints"] = [{"layer": layer, "steps": steps if steps == "all" else list(steps)}
                                  for layer in breakpoints]
         return Trace(self, fields)
@@ -239,11 +280,16 @@ class Session:
         finally:
             self.signal_phase("ACTIVE")
 
+    def harvest(self, prompts: list[list[int]], layers: list[int]) -> Harvest:
+        """Layer outputs of many prompts (token ids), batched, nothing sampled: see Connection.harvest."""
+        return self.conn.harvest(prompts, layers)
+
     def close(self):
         self.conn.request("close_session", session=self.id)
 
-    def _generate_fields(self, prompt, prompt_ids, messages, sampling) -> dict:
-        fields = {"session": self.id, "prompt": prompt, "prompt_ids": prompt_ids, "messages": messages, **sampling}
+    def _generate_fields(self, prompt, prompt_ids, messages, sampling, steer=None, capture=None) -> dict:
+        fields = {"session": self.id, "prompt": prompt, "prompt_ids": prompt_ids, "messages": messages,
+                  "steer": steer_fields(steer), "capture": list(capture) if capture else None, **sampling}
         return {k: v for k, v in fields.items() if v is not None}
 
 

@@ -63,6 +63,9 @@ REQUESTS = {
         "ignore_eos": ((bool,), False),
         "breakpoints": ((list,), False),   # [{"layer": L, "steps": [0, ...] or "all"}]
         "keep_tokens": (_INT, False),      # first cut the session's history to its first keep_tokens
+        "steer": ((list,), False),         # [{"layer", "vector": float32 bytes or [floats], "scale", "positions"}]
+        "capture": ((list,), False),       # [layer, ...]: outputs to the session's own shared memory
+        "stop_at_layer": (_INT, False),    # end the prompt's forward after this layer; nothing sampled
     },
     "resume": {"session": (_INT, True), "shape": ((list,), False), "dtype": ((str,), False)},
     "cancel": {"session": (_INT, True)},    # end the session's request in flight (finish_reason "cancelled")
@@ -73,6 +76,7 @@ REQUESTS = {
     "attach_weights": {"writable": ((bool,), False)},  # the weights export: handle + layout
     "detach_weights": {},
     "forward": {"input_ids": ((list,), True)},         # [[token, ...], ...] -> logits in shared memory
+    "harvest": {"prompts": ((list,), True), "layers": ((list,), True)},   # layer outputs in shared memory
 }
 
 

@@ -31,15 +31,26 @@ class Pause:
         return self._mapped.numpy()
 
     def resume(self, replacement=None):
-        """Continue the forward from the (edited) hidden states, or from `replacement`."""
+        """Continue the forward from the (edited) hidden states, or from `replacement` (a torch tensor
+        or numpy array of the same shape and dtype; anything else is refused, never ignored)."""
         fields = {}
         if replacement is not None:
-            fields = {"shape": list(replacement.shape), "dtype": str(replacement.dtype).replace("torch.", "")}
-            if fields["shape"] == list(self.shape) and fields["dtype"] == self.dtype:
-                self.hidden.copy_(replacement)
+            fields = self._replace(replacement)
         self.session.conn.request("resume", session=self.session.id, **fields)
         self.resumed = True
         self.close()
+
+    def _replace(self, replacement) -> dict:
+        if not (hasattr(replacement, "shape") and hasattr(replacement, "dtype")):
+            raise TypeError(f"layer {self.layer}: a hook or resume() returned {type(replacement).__name__}; "
+                            f"return None (edit bp.hidden in place) or a tensor of shape {list(self.shape)}")
+        fields = {"shape": list(replacement.shape), "dtype": str(replacement.dtype).replace("torch.", "")}
+        if fields["shape"] == list(self.shape) and fields["dtype"] == self.dtype:
+            if hasattr(replacement, "data_ptr") and replacement.data_ptr() == self.hidden.data_ptr():
+                return fields        # the hook returned the view it edited in place
+            import torch
+            self.hidden.copy_(torch.as_tensor(replacement))
+        return fields                # a mismatch: the daemon refuses it by name (BadRequest), still paused
 
     def close(self):
         self._hidden = None
@@ -52,19 +63,21 @@ class Trace:
         self.result = None
 
     def __iter__(self):
-        from libdjinn.client import Generation, raise_for
-        replies, pause = self.session.conn.replies("generate", **self.fields), None
+        from libdjinn.client import generation, raise_for
+        from libdjinn.interventions import Activations
+        replies, pause, captured = self.session.conn.replies("generate", **self.fields), None, None
         try:
             for reply in replies:
                 raise_for(reply)
-                if reply["type"] == "paused":
+                if reply["type"] == "capture":
+                    captured = Activations(reply)
+                elif reply["type"] == "paused":
                     pause = Pause(self.session, reply)
                     yield pause
                     if not pause.resumed:
                         pause.resume()
                 elif reply["type"] == "done":
-                    self.result = Generation(reply["text"], reply["tokens"], reply["finish_reason"],
-                                             reply["prompt_tokens"], reply["cached_tokens"])
+                    self.result = generation(reply, captured)
         finally:       # left early (break, exception): the daemon cancels the request and frees the pause
             replies.close()
             if pause is not None and not pause.resumed:

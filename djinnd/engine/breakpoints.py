@@ -13,6 +13,8 @@ from djinnd.memory.activations import DTYPE_NAMES, ActivationSegment, SegmentErr
 from djinnd.session import KVPlace, Session, SessionState
 from libdjinn.protocol import ErrorCode
 
+STOPPED = -1    # instead of a token: the forward ended at the request's stop_at_layer, nothing sampled
+
 
 @dataclass
 class PausedForward:
@@ -33,16 +35,25 @@ class BreakpointRunner:
     def layers_now(self, s: Session) -> list[int]:
         return s.request.params.breakpoint_layers(len(s.request.output))
 
-    def start(self, s: Session, layers: list[int]) -> int | None:
-        """Run s's forward up to its first breakpoint. None: paused; else the sampled token."""
-        return self._advance(s, 0, None, layers, step=len(s.request.output))
+    def is_stepped(self, s: Session) -> bool:
+        """Runs this step on its own: it pauses in it, or its forward ends early (stop_at_layer)."""
+        return bool(self.layers_now(s)) or self._stop_at(s) is not None
+
+    def start(self, s: Session) -> int | None:
+        """Run s's forward up to its first breakpoint. None: paused; STOPPED; else the sampled token."""
+        return self._advance(s, 0, None, self.layers_now(s), step=len(s.request.output))
+
+    def _stop_at(self, s: Session) -> int | None:
+        a = self.runner.interventions.of(s.id)
+        return None if a is None else a.stop_at_layer
 
     def _advance(self, s: Session, start: int, hidden, pending: list[int], step: int) -> int | None:
-        stop = pending[0] + 1 if pending else None
+        stop_at = self._stop_at(s)
+        stop = pending[0] + 1 if pending else None if stop_at is None else stop_at + 1
         self.pager.before_forward([s])
         h, meta = self.runner.forward([(s, s.num_new_tokens)], start, stop, hidden)
         if not pending:
-            return self.runner.sample_next([s], h, meta)[0]
+            return STOPPED if stop_at is not None else self.runner.sample_next([s], h, meta)[0]
         copied = time.perf_counter()
         segment = ActivationSegment(h.shape, h.dtype)
         segment.write(h)                        # device -> shared memory: the handoff
@@ -84,11 +95,11 @@ class BreakpointRunner:
         return self._advance(s, p.layer + 1, hidden, p.pending, p.step)
 
     def _bring_back(self, s: Session) -> bool:
-        n = sum(length for _, length in s.host_runs)
+        n = self.pager.restore_size(s)          # its shared blocks still held come back as they are
         if s.transfers or not self.pager.pool.can_allocate(n):
             self.pager.make_room(n - self.pager.pool.num_free, s)
             return False
-        self.pager.restore(s, self.pager.pool.allocate(n), "restore")
+        self.pager.restore(s, "restore")
         return True
 
     def discard(self, s: Session):

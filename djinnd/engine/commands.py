@@ -3,7 +3,8 @@
 `reply` is a callable the server passes in; the engine thread calls it with events, and the
 server hops them onto its own loop. This is the only engine module the server imports.
 """
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 from typing import Callable
 
 from libdjinn.protocol import ErrorCode
@@ -35,6 +36,23 @@ class CloseSession:
 
 
 @dataclass
+class SteerVector:
+    """Add scale * values to the output of decoder `layer`, at the request's prompt, generated or all positions."""
+    layer: int
+    values: array                 # float32, hidden_size of them, all finite
+    scale: float = 1.0
+    positions: str = "all"        # all, prompt or generated
+
+
+@dataclass
+class Interventions:
+    """A request's in-batch interventions (engine/interventions.py); checked by the server."""
+    steer: list[SteerVector] = field(default_factory=list)
+    capture: list[int] = field(default_factory=list)   # layers whose output goes to the session's segment
+    stop_at_layer: int | None = None                    # end the prompt's forward after this layer
+
+
+@dataclass
 class Generate:
     owner: int
     session: int
@@ -42,6 +60,16 @@ class Generate:
     params: SamplingParams
     reply: Reply
     keep_tokens: int | None = None   # cut the history to this many tokens before appending the prompt
+    interventions: Interventions | None = None
+
+
+@dataclass
+class Harvest:
+    """Layer outputs of many prompts, no sampling, the forward cut after the deepest layer."""
+    owner: int
+    prompts: list[list[int]]
+    layers: list[int]
+    reply: Reply
 
 
 @dataclass
@@ -125,6 +153,14 @@ class Done:
     finish_reason: str
     prompt_tokens: int
     cached_tokens: int        # history reused from resident KV, not prefilled again
+
+
+@dataclass
+class Captures:
+    """The request's capture segment [layers, rows, hidden_size], sent before its first token."""
+    layers: list[int]
+    tensor: dict
+    num_prompt: int           # rows [0, num_prompt) are the prompt's; one more per token fed back
 
 
 @dataclass

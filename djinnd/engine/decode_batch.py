@@ -5,6 +5,11 @@ graph captured for a larger bucket writes its padding there. A row is written wh
 joins (after its prefill, or back from a pause) and moved when another leaves; between those, a
 step changes nothing on the host: the forward advances `positions` and the sampler writes the
 next `input_ids` in place.
+
+Interventions (engine/interventions.py) add two tables of [layers, rows, hidden_size]: `steer`,
+each row's steering vector per layer (zero for unsteered rows and layers, so one graph serves every
+mix), written only when a row joins or leaves; and `stage`, where a capturing step copies each
+layer's output for the host to pick its rows from after the step.
 """
 import torch
 
@@ -13,8 +18,14 @@ from djinnd.session import Session
 
 
 class DecodeBatch:
-    def __init__(self, max_rows: int, max_blocks: int, scratch_block: int, device):
+    def __init__(self, max_rows: int, max_blocks: int, scratch_block: int, device, interventions=None,
+                 num_layers: int = 0):
         self.max_rows, self.scratch_block = max_rows, scratch_block
+        self.interventions = interventions
+        if interventions is not None:
+            shape = (num_layers, max_rows, interventions.hidden_size)
+            self.steer = torch.zeros(shape, dtype=interventions.dtype, device=device)
+            self.stage = torch.zeros(shape, dtype=interventions.dtype, device=device)
         self.input_ids = torch.zeros(max_rows, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_rows, dtype=torch.int64, device=device)   # of the token fed
         self.is_live = torch.zeros(max_rows, dtype=torch.int64, device=device)     # 1: positions advance
@@ -53,6 +64,9 @@ class DecodeBatch:
         self.is_live[index] = 1
         self.sampling.set_rows(rows, [s.request.params for s in new], [seeds[s.id] for s in new])
         self.sessions.extend(new)
+        for row, s in zip(rows, new):
+            for layer, vector in (self.interventions.decode_vectors(s.id) if self.interventions else {}).items():
+                self.steer[layer, row] = vector
 
     def _leave(self, s: Session):
         """Move the last row into s's row, and turn the last row into padding."""
@@ -60,9 +74,26 @@ class DecodeBatch:
         if row != last:
             for t in (self.input_ids, self.positions, self.block_tables):
                 t[row] = t[last]
+            if self.interventions is not None:
+                self.steer[:, row] = self.steer[:, last]
             self.sampling.move(last, row)
             self.sessions[row] = self.sessions[last]
         self.sessions.pop()
         self.block_tables[last] = self.scratch_block
+        if self.interventions is not None:
+            self.steer[:, last] = 0
         self.positions[last] = 0
         self.is_live[last] = 0
+
+    def intervention_hook(self, n: int, mode: str):
+        """after(i, h) for the decode forward over rows [0, n): add each row's vector, stage for capture."""
+        if mode == "plain":
+            return None
+        steer, stage = self.steer[:, :n], self.stage[:, :n]
+
+        def after(i: int, h):
+            h = h + steer[i]
+            if mode == "capture":
+                stage[i].copy_(h)
+            return h
+        return after

@@ -10,6 +10,7 @@ import torch
 
 from djinnd.engine.decode_batch import DecodeBatch
 from djinnd.engine.graphs import DecodeGraphs
+from djinnd.engine.interventions import Interventions
 from djinnd.engine.sampler import sample
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, prefill_attention
 from djinnd.session import Session, SessionState
@@ -21,13 +22,16 @@ class LaunchedStep:
     requests: list            # each row's request at launch: a token for an ended request is dropped
     host_ids: torch.Tensor    # pinned, filled by the step's copy
     done: object              # CUDA event after the copy, None on CPU
+    captured: tuple | None = None   # (each row's Active, layers, staged [layers, n, hidden], positions), host
 
 
 class Runner:
     def __init__(self, model, pool, device, max_num_seqs: int, max_model_len: int,
                  attention: str = "auto", cuda_graphs: bool = True):
         self.model, self.pool, self.device = model, pool, device
-        self.batch = DecodeBatch(max_num_seqs, pool.blocks_for(max_model_len), pool.scratch_block, device)
+        self.interventions = Interventions(model.args.hidden_size, model.model.embed_tokens.weight.dtype, device)
+        self.batch = DecodeBatch(max_num_seqs, pool.blocks_for(max_model_len), pool.scratch_block, device,
+                                 self.interventions, model.args.num_layers)
         self.decoder = DecodeGraphs(model, pool, self.batch, device, attention, cuda_graphs)
         self.seeds: dict[int, int] = {}                # session id -> its request's sampling seed
         self.is_cuda = torch.device(device).type == "cuda"
@@ -37,9 +41,11 @@ class Runner:
 
     # ---- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, chunks: list[tuple[Session, int]], start: int = 0, stop: int | None = None, hidden=None):
+    def forward(self, chunks: list[tuple[Session, int]], start: int = 0, stop: int | None = None, hidden=None,
+                after=None):
         """Layers [start, stop) over each session's next n uncached tokens; `hidden` [T, hidden_size]
-        continues a forward paused after layer start - 1. Returns hidden states and metadata."""
+        continues a forward paused after layer start - 1. after(i, h): see run_layers; by default the
+        sessions' steering and capture. Returns hidden states and metadata."""
         meta = build_prefill_metadata([n for _, n in chunks], [s.num_cached + n for s, n in chunks],
                                       [s.block_table for s, _ in chunks], self.pool.block_size, self.device)
         if hidden is None:
@@ -48,7 +54,8 @@ class Runner:
         cos, sin = self.model.rope(meta.positions, hidden.dtype)
         ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta),
                              self.decoder.fused)
-        return self.model.run_layers(hidden, ctx, self.pool.k, self.pool.v, start, stop), meta
+        after = after or self.interventions.prefill_hook(chunks)
+        return self.model.run_layers(hidden, ctx, self.pool.k, self.pool.v, start, stop, after), meta
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Session, int]]) -> list[int | None]:
@@ -103,7 +110,9 @@ class Runner:
         self.batch.sync(sessions, self.seeds)
         n, rows = self.batch.num_rows, list(self.batch.sessions)
         bound = None if self.decoder.kernel else self.pool.blocks_for(max(len(s.tokens) for s in rows) + 1)
-        logits = self.decoder.run(n, bound)
+        mode = self.interventions.mode(rows)
+        logits = self.decoder.run(n, bound, mode)
+        captured = self._stage_capture(rows) if mode == "capture" else None
         ids = self.batch.sampling.sample(logits, self.batch.positions[:n], n)
         self.batch.input_ids[:n] = ids
         host = self.host_ids[self._flip][:n]
@@ -112,14 +121,26 @@ class Runner:
         done = torch.cuda.Event() if self.is_cuda else None
         if done is not None:
             done.record()
-        return LaunchedStep(rows, [s.request for s in rows], host, done)
+        return LaunchedStep(rows, [s.request for s in rows], host, done, captured)
 
-    @staticmethod
-    def _collect(step: "LaunchedStep") -> list[tuple[Session, int]]:
+    def _stage_capture(self, rows: list[Session]) -> tuple:
+        """Copy the captured layers' staged rows and the rows' positions to the host, behind the step."""
+        layers, n = self.interventions.capture_layers(rows), len(rows)
+        staged = self.batch.stage[:, :n].index_select(0, torch.tensor(layers, device=self.batch.stage.device))
+        host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=self.is_cuda)
+        positions = torch.empty(n, dtype=torch.int64, pin_memory=self.is_cuda)
+        host.copy_(staged, non_blocking=True)
+        positions.copy_(self.batch.positions[:n], non_blocking=True)
+        return [self.interventions.of(s.id) for s in rows], layers, host, positions
+
+    def _collect(self, step: "LaunchedStep") -> list[tuple[Session, int]]:
         """Wait for a launched step (an event wait releases the GIL, so the server keeps streaming)
-        and hand out its tokens to the sessions still on the same request."""
+        and hand out its tokens to the sessions still on the same request (their captured rows first)."""
         if step.done is not None:
             step.done.synchronize()
+        if step.captured is not None:
+            actives, layers, staged, positions = step.captured
+            self.interventions.write_decode(step.rows, actives, layers, staged, positions)
         out = []
         for s, request, token in zip(step.rows, step.requests, step.host_ids.tolist()):
             if s.request is request and s.state is SessionState.RUNNING:
@@ -137,3 +158,4 @@ class Runner:
         """A request ended: its row goes, and the next request starts from its own seed."""
         self.seeds.pop(session_id, None)
         self.batch.remove(session_id)
+        self.interventions.end(session_id)

@@ -8,6 +8,7 @@ import os
 from collections import Counter
 
 from djinnd.engine import commands as cmd
+from djinnd.server import intervention_fields
 from djinnd.server.text import ChatState, Detokenizer, chat_record_reply, chat_turn, check_messages
 from djinnd.session import SamplingParams
 from libdjinn.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, encode_frame, error_reply
@@ -26,6 +27,7 @@ class Connection:
         self.id, self.pid, self.writer, self.inbox, self.loop = conn_id, pid, writer, inbox, loop
         self.tokenizer, self.label = loaded.tokenizer, loaded.label
         self.tokenizer_dir = loaded.tokenizer_dir
+        self.args = loaded.model.args           # the model's shape, to check steering vectors and layers
         self.limits = limits                    # config.server: per-client caps
         self.sees_all = uid in (0, os.getuid())  # status shows other clients' sessions only to these
         self.greeted = False
@@ -158,8 +160,13 @@ class Connection:
     def _on_forward(self, rid, f):
         self.inbox.put(cmd.GhostForward(self.id, check_input_ids(f["input_ids"]), self._simple(rid)))
 
+    def _on_harvest(self, rid, f):
+        prompts, layers = intervention_fields.harvest(f, self.args.num_layers, self.args.vocab_size)
+        self.inbox.put(cmd.Harvest(self.id, prompts, layers, self._simple(rid)))
+
     def _on_generate(self, rid, f):
         params = sampling_params(f)
+        interventions = intervention_fields.interventions(f, self.args.num_layers, self.args.hidden_size)
         ids, chat = self._prompt_ids(f)
         stream = bool(f.get("stream"))
         detok = Detokenizer(self.tokenizer) if self.tokenizer else None
@@ -168,6 +175,9 @@ class Connection:
             if isinstance(event, cmd.Paused):
                 self.send({"type": "paused", "id": rid, "session": event.session, "layer": event.layer,
                            "step": event.step, "tensor": event.tensor})
+            elif isinstance(event, cmd.Captures):
+                self.send({"type": "capture", "id": rid, "layers": event.layers, "tensor": event.tensor,
+                           "prompt_tokens": event.num_prompt})
             elif isinstance(event, cmd.Token):
                 if stream:
                     self.send({"type": "token", "id": rid, "token": event.token,
@@ -181,7 +191,8 @@ class Connection:
                            "cached_tokens": event.cached_tokens})
             else:
                 self.send(error_reply(rid, event.code, event.message))
-        self.inbox.put(cmd.Generate(self.id, f["session"], ids, params, self.relay(on_event), f.get("keep_tokens")))
+        self.inbox.put(cmd.Generate(self.id, f["session"], ids, params, self.relay(on_event), f.get("keep_tokens"),
+                                    interventions))
 
     def _prompt_ids(self, f) -> tuple[list[int], ChatState | None]:
         given = [k for k in ("prompt", "prompt_ids", "messages") if f.get(k) is not None]
