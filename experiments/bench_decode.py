@@ -1,14 +1,23 @@
-"""Decode tok/s at several batch sizes and prefill time: djinnd's engine (CUDA graphs + paged kernel),
-the same engine eager, HF transformers `generate` on the same weights, and the HBM roofline measured
-in the same run (CUDA events, before any engine thread starts). Optionally the same batch through
-the socket: N real agent processes streaming at once from a real daemon.
+"""Decode tok/s by batch size and context length, and prefill time of long prompts: djinnd's engine
+(CUDA graphs + split-K paged kernel), the same engine eager, HF transformers `generate` on the same
+weights, and the roofline from the HBM bandwidth measured in the same run (CUDA events, before any
+engine thread starts), counting the weights and the KV each decode step reads. Optionally the same
+batch through the socket: N real agent processes streaming at once from a real daemon.
 
-    python experiments/bench_decode.py --model random:llama-2-7b --batches 1,32,64 --socket-agents 32
+    python experiments/bench_decode.py --model random:llama-3.1-8b --context 1024,8192,32768 --batches 1,32 \
+        --prefill-len 32768
 
-Random presets are seeded random weights in real shapes: honest for speed and memory, not text.
+A decode figure at context N feeds each session N tokens first (one request, untimed), then times a
+second request that decodes --new-tokens more: the timing holds decode steps only. Prefill is the
+time to the first token of a fresh prompt, chunked by max_num_batched_tokens, with the achieved
+TFLOP/s counting the linear layers and causal attention. Combinations the KV pool cannot hold are
+skipped and listed. Random presets are seeded random weights in real shapes: honest for speed and
+memory, not text.
 """
 import argparse
+import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -23,6 +32,8 @@ from djinnd.daemon import build_engine  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
 from djinnd.model.llama import hf_state_dict  # noqa: E402
 from experiments.harness import start_daemon, stamp, stop_daemon  # noqa: E402
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}    # dense bf16/fp16, by device name
 
 
 def sync():
@@ -46,6 +57,12 @@ def hbm_bandwidth(device) -> float:
     return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
+def random_tokens(batch: int, length: int, vocab: int) -> torch.Tensor:
+    """The same tokens for the engine and HF: seeded by the shape."""
+    gen = torch.Generator().manual_seed(batch * 1_000_003 + length)
+    return torch.randint(3, vocab, (batch, length), generator=gen)
+
+
 def engine_prefill_ms(client, prompt, repeats) -> float:
     """Time to the first token of a fresh session's prompt: one prefill and one sample."""
     times = []
@@ -65,9 +82,12 @@ def decode_rate(token_times: list[list[float]]) -> float:
     return sum(len([x for x in t if x > start]) for t in token_times) / (end - start)
 
 
-def engine_decode_tps(client, prompts, new_tokens) -> float:
+def engine_decode_tps(client, prompts: list[list[int]], new_tokens) -> float:
+    """Each session is fed its prompt but the last token (untimed), then decodes new_tokens timed."""
     sessions = [client.open() for _ in prompts]
-    pending = [client.submit(s, p, new_tokens) for s, p in zip(sessions, prompts)]
+    for e in [client.submit(s, p[:-1], 1) for s, p in zip(sessions, prompts)]:
+        client.done(e)
+    pending = [client.submit(s, p[-1:], new_tokens) for s, p in zip(sessions, prompts)]
     times = [client.done(e)[1] for e in pending]
     for s in sessions:
         client.close(s)
@@ -98,23 +118,69 @@ def hf_generate_s(hf, ids, new_tokens) -> float:
 
 
 def hf_decode_tps(hf, ids, new_tokens) -> float:
-    hf_generate_s(hf, ids, 2)    # warm-up
+    hf_generate_s(hf, ids[:, :16], 2)    # warm-up
     return ids.shape[0] * (new_tokens - 1) / (hf_generate_s(hf, ids, new_tokens) - hf_generate_s(hf, ids, 1))
 
 
-def measure_engine(a, prompts, long_prompt, batches, overrides) -> tuple[dict, object]:
+def fits(facts: dict, batch: int, tokens: int) -> bool:
+    """The engine can hold `batch` sessions of `tokens` tokens at once."""
+    blocks = -(-tokens // facts["block_size"])
+    return batch <= facts["max_num_seqs"] and tokens <= facts["max_model_len"] and batch * blocks <= facts["num_blocks"]
+
+
+def measure_engine(a, batches, contexts, prefill_lens, overrides) -> tuple[dict, dict, object]:
+    """Prefill ms per prompt length and decode tok/s per (context, batch); the engine's facts; the model."""
     engine = build_engine(load_config(None, {"model": a.model, "device": a.device, "kv_cache_mb": a.kv_cache_mb,
                                              "max_num_seqs": max(batches), **overrides}))
     engine.start()
     client = LocalClient(engine)
-    engine_prefill_ms(client, long_prompt, 1)                       # warm-up
-    row = {"prefill_ms": engine_prefill_ms(client, long_prompt, 3), "engine": engine.runner.decoder.status()}
-    for b in batches:
-        engine_decode_tps(client, prompts[:b].tolist(), 8)          # warm-up at this batch size
-        row[f"decode_tps_b{b}"] = engine_decode_tps(client, prompts[:b].tolist(), a.new_tokens)
+    facts = {"block_size": engine.pool.block_size, "num_blocks": engine.pool.num_blocks,
+             "max_num_seqs": max(batches), "max_model_len": engine.max_model_len,
+             "kv_bytes_per_token": engine.pool.block_bytes / engine.pool.block_size,
+             "vocab": engine.loaded.model.args.vocab_size, "label": engine.loaded.label}
+    row = {"engine": engine.runner.decoder.status(), "prefill_ms": {}, "decode_tps": {}, "skipped": []}
+    for b in batches:                                                # warm-up: graphs, sampler, this batch size
+        engine_decode_tps(client, random_tokens(b, 16, facts["vocab"]).tolist(), 8)
+    chunk = engine.config.engine.max_num_batched_tokens
+    for n in prefill_lens:
+        if not fits(facts, 1, n + 1):
+            row["skipped"].append(f"prefill {n}")
+            continue
+        prompt = random_tokens(1, n, facts["vocab"])[0].tolist()
+        engine_prefill_ms(client, prompt[:min(n, 2 * chunk + 16)], 1)   # warm-up: first chunk and prefix paths
+        row["prefill_ms"][n] = engine_prefill_ms(client, prompt, 3 if n <= 8192 else 1)
+    for c in contexts:
+        for b in batches:
+            if not fits(facts, b, c + a.new_tokens):
+                row["skipped"].append(f"decode b{b} at {c}")
+                continue
+            prompts = random_tokens(b, c, facts["vocab"]).tolist()
+            row["decode_tps"].setdefault(c, {})[b] = engine_decode_tps(client, prompts, a.new_tokens)
+            print(f"  {overrides or 'djinnd'}: context {c} b{b}: {row['decode_tps'][c][b]:.1f} tok/s", flush=True)
     engine.stop()
     engine.join()
-    return row, engine
+    return row, facts, engine.loaded.model
+
+
+def measure_hf(model, batches, contexts, prefill_lens, facts, a) -> dict:
+    hf = hf_model(model)
+    dev = model.lm_head.weight.device
+    row = {"prefill_ms": {}, "decode_tps": {}, "skipped": []}
+    hf_generate_s(hf, random_tokens(1, 16, facts["vocab"]).to(dev), 1)     # warm-up
+    for n in prefill_lens:
+        if n > a.hf_max_tokens:
+            row["skipped"].append(f"prefill {n}")
+            continue
+        ids = random_tokens(1, n, facts["vocab"]).to(dev)
+        row["prefill_ms"][n] = 1e3 * statistics.median(hf_generate_s(hf, ids, 1) for _ in range(3 if n <= 8192 else 1))
+    for c in contexts:
+        for b in batches:
+            if b * c > a.hf_max_tokens or not fits(facts, b, c + a.new_tokens):
+                row["skipped"].append(f"decode b{b} at {c}")
+                continue
+            row["decode_tps"].setdefault(c, {})[b] = hf_decode_tps(hf, random_tokens(b, c, facts["vocab"]).to(dev),
+                                                                   a.new_tokens)
+    return row
 
 
 AGENT = """
@@ -144,82 +210,126 @@ def socket_decode_tps(a, prompts, n: int) -> float:
     return decode_rate(times)
 
 
+def model_facts(model) -> dict:
+    """Bytes a decode step reads (every weight but the embedding table, of which it reads a few rows,
+    unless the LM head shares it) and FLOPs per prompt token in the linear layers."""
+    params = {id(p): p for p in model.parameters()}.values()
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    embed = model.model.embed_tokens.weight
+    tied = model.lm_head.weight.data_ptr() == embed.data_ptr()
+    linear = sum(p.numel() for n, p in model.model.layers.named_parameters() if p.dim() == 2)
+    a = model.args
+    return {"weight_bytes": weight_bytes,
+            "weight_bytes_per_step": weight_bytes - (0 if tied else embed.numel() * embed.element_size()),
+            "linear_params": linear, "attention_dims": a.num_layers * a.num_heads * a.head_dim,
+            "dtype": str(embed.dtype)}
+
+
+def prefill_tflops(facts: dict, n: int, ms: float) -> float:
+    """Linear layers 2 FLOPs per weight per token; causal attention 2 * layers * heads * head_dim * n^2
+    (QK^T and PV, each half of an n x n square)."""
+    flops = 2 * facts["linear_params"] * n + 2 * facts["attention_dims"] * n * n
+    return flops / (ms / 1e3) / 1e12
+
+
+def roofline(facts: dict, bw: float, batches, context: int, new_tokens: int) -> dict:
+    """Tokens/s if a step only had to read the weights once and each session's KV (its mean context)."""
+    kv = facts["kv_bytes_per_token"] * (context + new_tokens / 2)
+    return {f"b{b}": b * bw / (facts["weight_bytes_per_step"] + b * kv) for b in batches}
+
+
+def build_report(a, rows, facts, bw, batches, contexts, prefill_lens, device) -> dict:
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in facts["device"]), float("nan"))
+    report = {**stamp(), "device": facts["device"], "torch": torch.__version__, "model": facts["label"],
+              "dtype": facts["dtype"], "weight_bytes": facts["weight_bytes"],
+              "weight_bytes_per_step": facts["weight_bytes_per_step"], "kv_bytes_per_token": facts["kv_bytes_per_token"],
+              "hbm_bytes_per_s_measured": bw, "peak_tflops": peak, "context": contexts[0], "contexts": contexts,
+              "prefill_lens": prefill_lens, "new_tokens": a.new_tokens, "batches": batches,
+              "skipped": {name: row["skipped"] for name, row in rows.items() if row["skipped"]}}
+    report["by_context"] = {str(c): {
+        "results": {name: {f"decode_tps_b{b}": tps for b, tps in row["decode_tps"].get(c, {}).items()}
+                    for name, row in rows.items()},
+        "roofline_tps": roofline(facts, bw, batches, c, a.new_tokens)} for c in contexts}
+    report["prefill"] = {str(n): {name: {"ms": row["prefill_ms"][n], "tflops": prefill_tflops(facts, n, row["prefill_ms"][n]),
+                                         "share_of_peak": prefill_tflops(facts, n, row["prefill_ms"][n]) / peak}
+                                  for name, row in rows.items() if n in row["prefill_ms"]} for n in prefill_lens}
+    first = report["by_context"][str(contexts[0])]
+    report["roofline_tps"] = first["roofline_tps"]
+    report["results"] = {name: {**first["results"][name], "prefill_ms": row["prefill_ms"].get(prefill_lens[0], math.nan),
+                                **({"engine": row["engine"]} if "engine" in row else {})} for name, row in rows.items()}
+    return report
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="random:llama-2-7b")
     p.add_argument("--device", default="auto")
-    p.add_argument("--kv-cache-mb", type=float, default=12288)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--kv-cache-mb", type=float, default=0, help="0: the engine's default (90%% of free GPU memory)")
+    p.add_argument("--context", default="128", help="tokens of context before decode; several: 1024,8192,32768")
+    p.add_argument("--prefill-len", default="1024", help="prompt lengths whose time to first token is measured")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batches", default="1,32,64")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--hf-max-tokens", type=int, default=65536, help="HF runs where batch x context is at most this")
     p.add_argument("--skip-eager", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=0, help="0: from the device name (dense bf16)")
     p.add_argument("--socket-agents", type=int, default=0, help="also stream this many agent processes via a daemon")
     p.add_argument("--out", default="results/bench_decode.json")
     a = p.parse_args()
-    batches = [int(b) for b in a.batches.split(",")]
+    batches, contexts, prefill_lens = ints(a.batches), ints(a.context), ints(a.prefill_len)
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else a.device
     bw = hbm_bandwidth(device)
-    prompts, long_prompt = _inputs(a, torch.Generator().manual_seed(0), batches)
     rows = {}
-    rows["djinnd"], engine = measure_engine(a, prompts, long_prompt, batches, {})
-    model = engine.loaded.model
-    model_args = model.args
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-    kv_per_token = engine.pool.block_bytes / engine.pool.block_size
-    report = {**stamp(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "torch": torch.__version__, "model": engine.loaded.label, "dtype": str(next(model.parameters()).dtype),
-              "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "hbm_bytes_per_s_measured": bw,
-              "prompt_len": a.prompt_len, "prefill_len": a.prefill_len, "new_tokens": a.new_tokens,
-              "batches": batches, "results": rows}
-    ctx = a.prompt_len + a.new_tokens / 2
-    report["roofline_tps"] = {f"b{b}": b * bw / (weight_bytes + b * ctx * kv_per_token) for b in batches}
+    rows["djinnd"], facts, model = measure_engine(a, batches, contexts, prefill_lens, {})
+    facts.update(model_facts(model), device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    free_device_memory()               # the engine's pool and graphs go before HF needs room
     if not a.skip_hf:
-        rows["hf_generate"] = measure_hf(model, prompts, long_prompt, batches, a.new_tokens)
-    del engine, model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        rows["hf_generate"] = measure_hf(model, batches, contexts, prefill_lens, facts, a)
+        free_device_memory()
     if not a.skip_eager:
-        rows["djinnd_eager"], _ = measure_engine(a, prompts, long_prompt, batches[:2],
-                                                 {"cuda_graphs": False, "attention": "torch"})
+        rows["djinnd_eager"], _, _ = measure_engine(a, batches[:2], contexts[:1], prefill_lens[:1],
+                                                    {"cuda_graphs": False, "attention": "torch"})
+    report = build_report(a, rows, facts, bw, batches, contexts, prefill_lens, device)
     if a.socket_agents:
         report["socket_agents"] = a.socket_agents
+        prompts = random_tokens(a.socket_agents, contexts[0], facts["vocab"])
         report["socket_decode_tps"] = socket_decode_tps(a, prompts, a.socket_agents)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(report, fh, indent=1)
-    print_table(report, model_args)
+    print_table(report)
 
 
-def _inputs(a, gen, batches):
-    vocab = 32000 if a.model.startswith("random:llama") else 500
-    prompts = torch.randint(3, vocab, (max(batches + [a.socket_agents]), a.prompt_len), generator=gen)
-    return prompts, torch.randint(3, vocab, (a.prefill_len,), generator=gen).tolist()
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
-def measure_hf(model, prompts, long_prompt, batches, new_tokens) -> dict:
-    hf = hf_model(model)
-    dev = model.lm_head.weight.device
-    long_ids = torch.tensor([long_prompt], device=dev)
-    hf_generate_s(hf, long_ids, 1)
-    row = {"prefill_ms": 1e3 * statistics.median(hf_generate_s(hf, long_ids, 1) for _ in range(3))}
-    for b in batches:
-        row[f"decode_tps_b{b}"] = hf_decode_tps(hf, prompts[:b].to(dev), new_tokens)
-    return row
+def free_device_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def print_table(r, model_args):
+def print_table(r):
     print(f"\n{r['model']} on {r['device']} ({r['dtype']}, torch {r['torch']}, {r['date']})")
-    print(f"weights {r['weight_bytes'] / 1e9:.2f} GB, KV {r['kv_bytes_per_token'] / 2**20:.2f} MiB/token, "
-          f"HBM measured {r['hbm_bytes_per_s_measured'] / 1e9:.0f} GB/s; prompts {r['prompt_len']} tokens, "
-          f"{r['new_tokens']} new")
+    print(f"weights {r['weight_bytes'] / 1e9:.2f} GB ({r['weight_bytes_per_step'] / 1e9:.2f} GB read per step), "
+          f"KV {r['kv_bytes_per_token'] / 2**10:.0f} KiB/token, HBM measured {r['hbm_bytes_per_s_measured'] / 1e9:.0f} "
+          f"GB/s; {r['new_tokens']} new tokens")
     cols = [f"b{b}" for b in r["batches"]]
-    print(f"{'':14} {'prefill ' + str(r['prefill_len']) + ' (ms)':>18} " + " ".join(f"{c + ' tok/s':>12}" for c in cols))
-    for name, row in r["results"].items():
-        cells = " ".join(f"{row.get('decode_tps_' + c, float('nan')):>12.1f}" for c in cols)
-        print(f"{name:14} {row['prefill_ms']:>18.1f} {cells}")
-    print(f"{'roofline':14} {'':>18} " + " ".join(f"{r['roofline_tps'][c]:>12.1f}" for c in cols))
+    print(f"{'context':>8} {'':14} " + " ".join(f"{c + ' tok/s':>16}" for c in cols))
+    for c, block in r["by_context"].items():
+        roof = block["roofline_tps"]
+        for name, row in block["results"].items():
+            cells = [(row.get("decode_tps_" + k), roof[k]) for k in cols]
+            print(f"{c:>8} {name:14} " + " ".join(f"{t:>9.1f} ({100 * t / m:>3.0f}%)" if t else f"{'-':>16}"
+                                                   for t, m in cells))
+        print(f"{c:>8} {'roofline':14} " + " ".join(f"{roof[k]:>16.1f}" for k in cols))
+    print(f"{'prefill':>8} {'':14} {'ms':>10} {'TFLOP/s':>9} {'of peak':>8}")
+    for n, block in r["prefill"].items():
+        for name, x in block.items():
+            print(f"{n:>8} {name:14} {x['ms']:>10.1f} {x['tflops']:>9.1f} {100 * x['share_of_peak']:>7.0f}%")
+    for name, skipped in r["skipped"].items():
+        print(f"skipped ({name}): {', '.join(skipped)}")
     if "socket_decode_tps" in r:
         b = r["socket_agents"]
         inproc = r["results"]["djinnd"].get(f"decode_tps_b{b}")
