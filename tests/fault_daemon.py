@@ -46,7 +46,20 @@ def forward_fails_on_marker():
     Runner.forward = forward
 
 
-FAULTS = {"prefetch": prefetch_fails_once, "die": io_wait_kills_engine, "forward": forward_fails_on_marker}
+def resume_never_gets_its_kv():
+    """A resumed pause of a prompt holding token 498 never gets its KV back (the pool and the arena
+    stay full of sessions nobody may evict): proceed() keeps answering 'not yet'."""
+    from djinnd.engine.breakpoints import BreakpointRunner
+    original = BreakpointRunner.proceed
+
+    def proceed(self, s, *args, **kwargs):
+        if 498 in s.tokens:
+            return None
+        return original(self, s, *args, **kwargs)
+    BreakpointRunner.proceed = proceed
+
+
+FAULTS = {"prefetch": prefetch_fails_once, "stuck_resume": resume_never_gets_its_kv, "die": io_wait_kills_engine, "forward": forward_fails_on_marker}
 
 if __name__ == "__main__":
     for fault in sys.argv[1].split(","):

@@ -68,7 +68,8 @@ def wait_until(condition, timeout=10.0):
 # ---- finding 1 and 7: injected faults -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
-    d = start_daemon(tmp_path_factory.mktemp("faults"), *TINY, entry=FAULTS + ("prefetch,forward",))
+    d = start_daemon(tmp_path_factory.mktemp("faults"), *TINY, "--capacity-wait-s", "1",
+                     entry=FAULTS + ("prefetch,forward,stuck_resume",))
     yield d
     stop_daemon(d)
 
@@ -126,7 +127,7 @@ def test_failed_forward_leaves_no_prompt_in_history(faults, hf_tiny):
 
 
 # ---- a daemon with small limits -----------------------------------------------------------------
-LIMITS = ("--max-num-seqs", "4", "--max-paused-per-client", "2", "--pause-timeout-s", "3",
+LIMITS = ("--max-num-seqs", "4", "--max-paused-per-client", "2", "--max-paused", "4", "--pause-timeout-s", "3",
           "--max-sessions-per-client", "5", "--max-connections", "6")
 
 
@@ -393,6 +394,57 @@ def test_client_timeout_and_connect_errors_name_the_path(tmp_path):
     assert isinstance(e.value, ConnectionError) and "start djinnd" in str(e.value)
 
 
+# ---- round 3, finding 1: every pause and every request has a bound that fires --------------------
+def kv_where(djinn, sid: int) -> str:
+    return next(r for r in djinn.status()["sessions"] if r["id"] == sid)["kv_where"]
+
+
+def test_resumed_pause_that_cannot_get_its_kv_back_ends(faults, hf_tiny):
+    """Round 3, finding 1: a resumed pause whose KV never comes back (pool and arena full of sessions
+    nobody may evict; injected) ends with NO_CAPACITY within capacity_wait_s (was: paused forever,
+    holding its row and every refusal); others are served meanwhile and the session stays usable."""
+    p, other = prompts(12, 6, seed=20)
+    stuck = p[:5] + [498] + p[5:]
+    with libdjinn.connect(faults.socket, timeout=20) as djinn:
+        s = djinn.session()
+        trace = iter(s.trace(prompt_ids=stuck, breakpoints=[1], max_new_tokens=4, ignore_eos=True))
+        next(trace).resume()
+        started = time.monotonic()
+        assert djinn.session().generate(prompt_ids=other, max_new_tokens=3, ignore_eos=True).tokens == \
+            hf_greedy(hf_tiny, other, 3)
+        with pytest.raises(libdjinn.NoCapacity, match="capacity_wait_s"):
+            next(trace)
+        assert time.monotonic() - started < 10
+        assert s.generate(prompt_ids=p, max_new_tokens=4, ignore_eos=True).tokens == hf_greedy(hf_tiny, p, 4)
+
+
+def test_paused_sessions_of_many_clients_leave_batch_rows(limited, hf_tiny):
+    """Round 3, finding 1: pauses are capped across connections (half the batch rows at most), so
+    pauses of several clients never fill max_num_seqs and another client is served at once."""
+    p, q = prompts(9, 7, seed=21)
+    hoarders = [greeted(limited.socket) for _ in range(2)]
+    codes = []
+    for h in hoarders:
+        for i in range(2):
+            sid = ask(h, type="open_session", id=1 + i)["session"]
+            codes.append(ask(h, type="generate", id=10 + i, session=sid, prompt_ids=p, max_new_tokens=4,
+                             breakpoints=[{"layer": 1}]).get("code", "paused"))
+    assert codes.count("paused") == 2 and codes.count(ErrorCode.LIMIT) == 2, codes     # max_num_seqs 4
+    started = time.monotonic()
+    with libdjinn.connect(limited.socket, timeout=30) as other:
+        outs = [other.session() for _ in range(2)]
+        pending = [threading.Thread(target=lambda s=s: s.generate(prompt_ids=q, max_new_tokens=4)) for s in outs]
+        for t in pending:
+            t.start()
+        for t in pending:
+            t.join(30)
+        assert other.session().generate(prompt_ids=q, max_new_tokens=4, ignore_eos=True).tokens == \
+            hf_greedy(hf_tiny, q, 4)
+    assert time.monotonic() - started < 2.5        # was: waited for the pause timeout (3 s)
+    for h in hoarders:
+        h.close()
+
+
 # ---- findings 4 (policy none), 6: shared memory -------------------------------------------------
 def dead_pid() -> int:
     pid = 4194000
@@ -402,15 +454,16 @@ def dead_pid() -> int:
 
 
 def test_pause_under_none_neither_spins_nor_hangs_and_sigterm_cleans_shm(tmp_path, hf_tiny):
-    """Findings 4 and 6: under `none` a held pause with queued work does not spin the engine and the
-    queued request is served once the pause times out; stale segments are swept safely at start and
-    a paused session's segment is unlinked on SIGTERM."""
+    """Findings 4 and 6: under `none` a held pause with queued work does not spin the engine; the
+    queued request is refused (NO_CAPACITY) after capacity_wait_s, before the pause times out (round 3,
+    finding 1: it waited for the pause timeout), and served once the pause timed out; stale segments
+    are swept safely at start and a paused session's segment is unlinked on SIGTERM."""
     stale = f"/dev/shm/djinn-{dead_pid()}-act-stale"
     pathlib.Path(stale).write_bytes(b"x")
     os.mkdir(stale + "-dir")                    # not a file: the old sweep died on this
     try:
         d = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "0.25", "--policy", "none",
-                         "--pause-timeout-s", "3", "--host-arena-mb", "1")
+                         "--pause-timeout-s", "4", "--capacity-wait-s", "2.5", "--host-arena-mb", "1")
         assert not os.path.exists(stale)
     finally:
         os.rmdir(stale + "-dir")
@@ -420,9 +473,14 @@ def test_pause_under_none_neither_spins_nor_hangs_and_sigterm_cleans_shm(tmp_pat
         sid = ask(hoarder, type="open_session", id=1)["session"]
         assert ask(hoarder, type="generate", id=2, session=sid, prompt_ids=big, max_new_tokens=50,
                    breakpoints=[{"layer": 0}])["type"] == "paused"
-        result = {}
-        waiter = threading.Thread(target=lambda: result.update(
-            g=libdjinn.connect(d.socket).session().generate(prompt_ids=small, max_new_tokens=20, ignore_eos=True)))
+        result, waiting = {}, libdjinn.connect(d.socket).session()
+        started = time.monotonic()
+
+        def wait():
+            with pytest.raises(libdjinn.NoCapacity, match="none can be freed"):
+                waiting.generate(prompt_ids=small, max_new_tokens=20, ignore_eos=True)
+            result["refused_after"] = time.monotonic() - started
+        waiter = threading.Thread(target=wait)
         waiter.start()
         time.sleep(0.5)
         engine = psutil.Process(d.proc.pid)
@@ -430,8 +488,10 @@ def test_pause_under_none_neither_spins_nor_hangs_and_sigterm_cleans_shm(tmp_pat
         time.sleep(1.5)
         assert sum(engine.cpu_times()[:2]) - cpu < 0.5      # was: a 1 kHz spin
         waiter.join(15)
-        assert result["g"].tokens == hf_greedy(hf_tiny, small, 20)
+        assert 2.4 < result["refused_after"] < 3.9         # capacity_wait_s 2.5, before the pause timeout (4)
         assert read_frame(hoarder)["code"] == ErrorCode.TIMEOUT
+        assert waiting.generate(prompt_ids=small, max_new_tokens=20, ignore_eos=True).tokens == \
+            hf_greedy(hf_tiny, small, 20)
         assert ask(hoarder, type="generate", id=3, session=sid, prompt_ids=small[:5], max_new_tokens=2,
                    breakpoints=[{"layer": 1}])["type"] == "paused"
         pid = d.proc.pid

@@ -46,14 +46,23 @@ def cancel(engine, s: Session) -> bool:
 
 
 def expire(engine):
-    """Pauses held past pause_timeout_s and requests queued past queue_timeout_s end with TIMEOUT,
-    so no client can hold a batch slot or the queue forever."""
+    """Pauses held past pause_timeout_s and requests queued past queue_timeout_s end with TIMEOUT;
+    a resumed pause whose KV cannot come back within capacity_wait_s ends with NO_CAPACITY. So no
+    client can hold a batch slot, KV room or the queue forever."""
     pause_s, queue_s, now = engine.limits.pause_timeout_s, engine.limits.queue_timeout_s, time.monotonic()
+    wait_s = engine.limits.capacity_wait_s
     for s in [s for s in engine.scheduler.running if s.state is SessionState.PAUSED]:
-        if s.paused.resumed_at is None and time.perf_counter() - s.paused.paused_at > pause_s:
-            abort(engine, s, cmd.Failed(ErrorCode.TIMEOUT, f"session {s.id}: paused at layer {s.paused.layer} "
+        p, held = s.paused, time.perf_counter() - s.paused.paused_at
+        if p.resumed_at is None and held > pause_s:
+            abort(engine, s, cmd.Failed(ErrorCode.TIMEOUT, f"session {s.id}: paused at layer {p.layer} "
                                         f"for over {pause_s:g} s without resume (server.pause_timeout_s)"))
             engine.metrics.inc("pauses_timed_out")
+        elif p.resumed_at is not None and time.perf_counter() - p.resumed_at > wait_s:
+            abort(engine, s, cmd.Failed(ErrorCode.NO_CAPACITY, f"session {s.id}: resumed at layer {p.layer}, but "
+                                        f"its KV could not come back to the device within {wait_s:g} s "
+                                        "(server.capacity_wait_s): other sessions hold the pool and the host "
+                                        "arena; its history is kept up to this request, retry later"))
+            engine.metrics.inc("resumes_refused")
     for s in [s for s in engine.scheduler.waiting if now - s.request.queued_at > queue_s]:
         abort(engine, s, cmd.Failed(ErrorCode.TIMEOUT, f"session {s.id}: waited over {queue_s:g} s for KV "
                                     "blocks (server.queue_timeout_s); the pool is held by other sessions"))
@@ -61,10 +70,15 @@ def expire(engine):
 
 
 def pause_limit_reached(engine, owner: int) -> str | None:
+    """Requests with breakpoints in flight are capped per connection and in all, so paused sessions
+    never hold more than half the batch rows (max_num_seqs)."""
     cap = engine.limits.max_paused_per_client
-    tracing = sum(1 for s in engine.sessions.values()
-                  if s.owner == owner and s.request is not None and s.request.params.breakpoints)
-    if tracing >= cap:
+    tracing = [s.owner for s in engine.sessions.values() if s.request is not None and s.request.params.breakpoints]
+    if tracing.count(owner) >= cap:
         return (f"this connection already has {cap} requests with breakpoints in flight "
                 "(server.max_paused_per_client); resume or cancel one first")
+    total = max(1, min(engine.limits.max_paused, engine.config.engine.max_num_seqs // 2))
+    if len(tracing) >= total:
+        return (f"{total} requests with breakpoints are in flight across all clients (server.max_paused, "
+                "at most half of engine.max_num_seqs); try again when one ends")
     return None
