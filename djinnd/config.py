@@ -99,8 +99,6 @@ class ServerConfig:
     max_connections: int = 512    # more are answered with an error and closed
     max_connections_per_uid: int = 448   # one user's share, so other users still get in
     max_connections_per_pid: int = 64    # one process's share, so one process cannot take them all
-    max_connections_per_uid: int = 448   # one user's share, so other users still get in
-    max_connections_per_pid: int = 64    # one process's share, so one process cannot take them all
     max_sessions_per_client: int = 256   # open sessions per connection
     max_requests_per_client: int = 512   # requests awaiting their final reply, per connection
     max_unread_reply_mb: float = 64.0    # reply bytes a client leaves unread before it is cut off
