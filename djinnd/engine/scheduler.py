@@ -128,13 +128,6 @@ class Scheduler:
             return False
         return not self.running or time.monotonic() - s.request.queued_at > self.capacity_wait_s
 
-    def _stuck(self, s: Session) -> bool:
-        """Nothing will free room for s: nothing runs, or all that runs is paused at breakpoints (their
-        clients decide when they go on) and s has waited capacity_wait_s."""
-        if any(r.state is SessionState.RUNNING for r in self.running):
-            return False
-        return not self.running or time.monotonic() - s.request.queued_at > self.capacity_wait_s
-
     def finish(self, s: Session):
         """The request ended: keep the blocks its tokens use, return the unused reservation."""
         self.running.remove(s)
