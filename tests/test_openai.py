@@ -222,3 +222,49 @@ def test_daemon_down_is_503_and_metrics_health(front, tmp_path):
     metrics = httpx.get(front.url + "/metrics").text
     assert "djinn_daemon_up 1.0" in metrics and 'djinn_daemon_counter{name="tokens_generated"}' in metrics
     assert 'djinn_openai_tokens_total{kind="cached"}' in metrics
+
+
+FAMILY_TEMPLATES = {"qwen": "<tool_response>\n18 C and sunny\n</tool_response>",
+                    "llama31": "ipython<|end_header_id|>\n\n18 C and sunny"}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_TEMPLATES))
+def test_tool_calls_in_the_model_family_format(daemon, direct, tmp_path, family):
+    """The model's own template renders the tools and feeds the tool result back in its own way; the
+    forced call is written in the family's format and parsed into tool_calls."""
+    import chat_templates
+    tok = tokenizer(direct)
+    tok.chat_template = getattr(chat_templates, family.upper())
+    tok.save_pretrained(tmp_path)
+    assert tool_calls.call_style(tok) == ("hermes" if family == "qwen" else "json")
+    front = Front(daemon.socket, "--tokenizer-dir", str(tmp_path))
+    try:
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        turn1 = front.client.chat.completions.create(model="djinn", messages=messages, tools=TOOLS,
+                                                     tool_choice=WEATHER, max_tokens=24, temperature=0)
+        assert turn1.choices[0].finish_reason == "tool_calls"
+        call = turn1.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                     {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
+        rendered = tool_calls.render(tok, messages, TOOLS)
+        assert FAMILY_TEMPLATES[family] in rendered and '"name": "get_weather"' in rendered
+        turn2 = front.client.chat.completions.create(model="djinn", messages=messages, tools=TOOLS, max_tokens=10,
+                                                     temperature=0)
+        expected = direct_reply(direct, tok.encode(rendered, add_special_tokens=False), 10)
+        assert turn2.choices[0].message.content == tok.decode(expected, skip_special_tokens=True)
+    finally:
+        front.stop()
+
+
+def test_replies_in_each_family_format_parse_into_tool_calls():
+    qwen = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    llama = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    for text in (qwen, llama, "Sure. " + qwen):
+        content, calls = tool_calls.parse(text)
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+            [("get_weather", {"city": "Paris"})], text
+        assert content == ("Sure." if text.startswith("Sure") else None)
+    forced = '{"name": "get_weather", "parameters": '
+    assert tool_calls.call_end(forced, '{"city": "Paris"}} and more') == len('{"city": "Paris"}}')
+    assert tool_calls.call_end(forced, '{"city": "Par') is None

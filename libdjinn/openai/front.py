@@ -50,7 +50,7 @@ class Front:
     def chat_turn(self, req) -> Turn:
         tok = self.tokenizer("chat requests cannot be rendered")
         tools = req.plain_tools()
-        forced = tool_calls.forced_prefix(req.tool_choice) if tools else ""
+        forced = tool_calls.forced_prefix(req.tool_choice, tok) if tools else ""
         prompt = tool_calls.render(tok, req.plain_messages(), tools)
         ids = tok.encode(prompt + forced, add_special_tokens=False)
         parse_tools = bool(tools) and req.tool_choice != "none"

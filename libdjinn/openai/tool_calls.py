@@ -1,10 +1,13 @@
 """Tool calls in text: OpenAI messages and tools rendered through the model's chat template, and the
 model's text parsed back into OpenAI `tool_calls`.
 
-Format: Hermes/Qwen style, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, with a plain
-JSON object (or list of them) as a fallback. A template without tool support (SmolLM2's) gets the
-tools in a system prompt, assistant tool calls as that text, and tool results as user messages
-wrapped in `<tool_response>` (FALLBACK_SYSTEM below is the whole convention).
+Formats, by the model's own template (`call_style`):
+- hermes (Qwen2.5, Qwen3, Hermes): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`;
+- json (Llama 3.1/3.2/3.3): a bare `{"name": ..., "parameters": {...}}` object (or a list of them);
+- fallback: a template without tool support (SmolLM2's) gets the tools in a system prompt, assistant
+  tool calls as hermes text, and tool results as user messages wrapped in `<tool_response>`
+  (FALLBACK_SYSTEM below is the whole convention).
+Replies are parsed for either format whatever the style.
 """
 import json
 import re
@@ -19,8 +22,19 @@ _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$
 
 
 def template_has_tools(tokenizer) -> bool:
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else str(tokenizer.chat_template)
-    return "tools" in template
+    return "tools" in _template(tokenizer)
+
+
+def call_style(tokenizer) -> str:
+    """hermes, json or fallback: how this model's template writes tool calls."""
+    if not template_has_tools(tokenizer):
+        return "fallback"
+    return "hermes" if OPEN in _template(tokenizer) else "json"
+
+
+def _template(tokenizer) -> str:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return template if isinstance(template, str) else str(template)
 
 
 def content_text(content) -> str:
@@ -85,21 +99,38 @@ def _fallback(messages: list[dict], tools: list | None) -> list[dict]:
     return out
 
 
-def forced_prefix(tool_choice) -> str:
-    """Text the assistant turn starts with so that it is a tool call: a named function, or any."""
+def forced_prefix(tool_choice, tokenizer=None) -> str:
+    """Text the assistant turn starts with so that it is a tool call (a named function, or any), in
+    the model's own format."""
+    if tool_choice != "required" and not isinstance(tool_choice, dict):
+        return ""
+    json_style = tokenizer is not None and call_style(tokenizer) == "json"
+    opening, args_key = ("", "parameters") if json_style else (f"{OPEN}\n", "arguments")
     if isinstance(tool_choice, dict):
-        return f'{OPEN}\n{{"name": {json.dumps(tool_choice["function"]["name"])}, "arguments": '
-    return f'{OPEN}\n{{"name": "' if tool_choice == "required" else ""
+        return f'{opening}{{"name": {json.dumps(tool_choice["function"]["name"])}, "{args_key}": '
+    return f'{opening}{{"name": "'
+
+
+def call_end(forced: str, text: str) -> int | None:
+    """Where in `text`, the reply after the `forced` start, the forced call is complete (if it is)."""
+    if CLOSE in text:
+        return text.index(CLOSE) + len(CLOSE)
+    if forced.startswith("{"):               # json style: the object closes
+        try:
+            return json.JSONDecoder().raw_decode(forced + text)[1] - len(forced)
+        except ValueError:
+            return None
+    return None
 
 
 def parse(text: str, forced: str = "") -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a reply; `forced` is the prefix the turn was started with."""
     full = forced + text
     calls = [c for body in _CALL.findall(full) if (c := _call(body))]
-    if not calls and forced:
-        calls = [c for c in [_lenient(full)] if c]
     if not calls and full.strip()[:1] in "{[" and full.strip():
         calls = _plain_json(full.strip())
+    if not calls and forced:
+        calls = [c for c in [_lenient(full)] if c]
     if not calls:
         return text, []
     content = full.split(OPEN, 1)[0].strip() if OPEN in full else ""
@@ -131,7 +162,8 @@ def _plain_json(text: str) -> list[dict]:
 def _lenient(full: str) -> dict | None:
     """A forced call whose JSON did not close: the name, and the arguments as the raw text after them
     (OpenAI documents that arguments may not be valid JSON)."""
-    m = re.match(re.escape(OPEN) + r'\s*\{"name":\s*"([^"]+)"(?:,\s*"arguments":\s*)?(.*)', full, re.DOTALL)
+    m = re.match(r'(?:' + re.escape(OPEN) + r')?\s*\{"name":\s*"([^"]+)"(?:,\s*"(?:arguments|parameters)":\s*)?(.*)',
+                 full, re.DOTALL)
     if not m:
         return None
     raw = m.group(2).split(CLOSE, 1)[0].rstrip()

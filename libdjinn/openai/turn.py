@@ -38,8 +38,9 @@ class TextStream:
             return ""
         self.text = text
         hits = [i for s in self.stops if (i := text.find(s)) >= 0]
-        if self.forced and tool_calls.CLOSE in text:       # the forced call is complete
-            hits.append(text.index(tool_calls.CLOSE) + len(tool_calls.CLOSE))
+        end = tool_calls.call_end(self.forced, text) if self.forced else None
+        if end is not None:                                # the forced call is complete
+            hits.append(end)
         if hits:
             self.text, self.stopped = text[:min(hits)], True
         return self._emit(len(self.text) if self.stopped and not self.tools else self._safe_end())
