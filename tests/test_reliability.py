@@ -445,6 +445,83 @@ def test_paused_sessions_of_many_clients_leave_batch_rows(limited, hf_tiny):
         h.close()
 
 
+# ---- round 3, finding 2: NaN written by one client never reaches another --------------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """15 KV blocks, so freed blocks are soon another session's."""
+    d = start_daemon(tmp_path_factory.mktemp("small"), "--model", "random:tiny", "--kv-cache-mb", "0.25",
+                     "--host-arena-mb", "1")
+    yield d
+    stop_daemon(d)
+
+
+def generate_all(conn, ids: list[list[int]], n: int) -> list[list[int]]:
+    """One session per prompt, all in flight at once (one batch)."""
+    out, sessions = {}, [conn.session() for _ in ids]
+    threads = [threading.Thread(target=lambda i=i, s=s: out.update(
+        {i: s.generate(prompt_ids=ids[i], max_new_tokens=n, ignore_eos=True).tokens})) for i, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in sessions:
+        s.close()
+    return [out.get(i) for i in range(len(ids))]
+
+
+def test_nan_written_into_a_pause_never_reaches_another_client(small, hf_tiny):
+    """Round 3, finding 2: resume refuses NaN/inf hidden states (the session stays paused and resumes
+    with finite ones), so freed blocks never carry NaN into other clients' batches (was: 11 of 32
+    later generates of another client came back as zeros)."""
+    p, *others = prompts(100, 5, 9, 13, 17, 21, 26, seed=22)
+    with libdjinn.connect(small.socket, timeout=30) as djinn:
+        s = djinn.session()
+        trace = iter(s.trace(prompt_ids=p, breakpoints=[1], max_new_tokens=8, ignore_eos=True))
+        bp = next(trace)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            bp.hidden[3, 5] = bad
+            with pytest.raises(libdjinn.BadRequest, match="NaN or inf"):
+                bp.resume()
+        bp.hidden[3, 5] = 0.5
+        bp.resume()
+        assert list(trace) == []
+        s.close()
+        assert generate_all(djinn, others, 6) == [hf_greedy(hf_tiny, q, 6) for q in others]
+
+
+def test_decode_attention_never_reads_nan_from_blocks_a_session_does_not_own():
+    """Round 3, finding 2: the torch decode path gathers whole blocks (padding, a freed block's stale
+    slots); NaN there no longer leaks through the mask (0 x NaN was NaN)."""
+    from djinnd.model.attention import decode_attention_torch
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(6, 4, 2, 16, generator=g) for _ in range(2))     # blocks, slots, kv heads, dim
+    q = torch.randn(2, 4, 16, generator=g)
+    tables, ctx = torch.tensor([[1, 2, 0], [3, 0, 0]]), torch.tensor([6, 3])   # padded with block 0
+    clean = decode_attention_torch(q, k, v, tables, ctx, 3)
+    for t in (k, v):
+        t[0], t[2, 2:], t[3, 3:], t[4:] = (float("nan"),) * 4      # nobody's slots
+    assert torch.equal(decode_attention_torch(q, k, v, tables, ctx, 3), clean)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_kernel_never_reads_nan_from_blocks_a_session_does_not_own():
+    """Round 3, finding 2: the Triton decode kernel masks its loads; NaN in foreign blocks stays out."""
+    from djinnd.model import triton_attention
+    from djinnd.model.attention import decode_attention_torch
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(40, 16, 2, 64, generator=g).cuda() for _ in range(2))
+    q = torch.randn(3, 8, 64, generator=g).cuda()
+    tables = torch.tensor([[1, 2, 5, 6], [3, 0, 0, 0], [7, 8, 9, 0]], dtype=torch.int32).cuda()
+    ctx = torch.tensor([50, 3, 33], dtype=torch.int32).cuda()
+    clean = decode_attention_torch(q, k, v, tables, ctx, 4)
+    for t in (k, v):
+        t[0], t[6, 2:], t[3, 3:], t[9, 1:], t[10:] = (float("nan"),) * 5
+    for splits in (1, 4):
+        out = triton_attention.paged_decode_attention(q, k, v, tables, ctx, splits)
+        assert out.isfinite().all() and torch.allclose(out, clean, atol=1e-3, rtol=1e-3), splits
+
+
 # ---- findings 4 (policy none), 6: shared memory -------------------------------------------------
 def dead_pid() -> int:
     pid = 4194000

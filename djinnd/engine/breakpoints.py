@@ -78,6 +78,10 @@ class BreakpointRunner:
             p.hidden = p.segment.read()        # copied now: the client can no longer change it under us
         except SegmentError as e:
             raise EngineError(ErrorCode.BAD_REQUEST, f"resume: {e}; session {s.id} stays paused") from None
+        if not bool(p.hidden.isfinite().all()):   # NaN/inf would reach the KV cache, and from there attention
+            p.hidden = None
+            raise EngineError(ErrorCode.BAD_REQUEST, f"resume: the hidden states hold NaN or inf; session {s.id} "
+                              "stays paused (write finite values and resume again)")
         p.resumed_at = time.perf_counter()
 
     def resumed(self, sessions) -> list[Session]:

@@ -92,6 +92,8 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, num_
     keys = k_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     values = v_cache[tables].view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     visible = torch.arange(keys.shape[2], device=q.device)[None, :] < context_lens[:, None]   # [B, K]
+    keys = keys.where(visible[:, None, :, None], 0)       # blocks it does not own may hold NaN: 0 x NaN is NaN
+    values = values.where(visible[:, None, :, None], 0)
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None, :],
                                          enable_gqa=num_heads != num_kv_heads)
     return out[:, :, 0]
