@@ -3,6 +3,7 @@
     python experiments/exp1_agents.py --quick               # H100, ~7 min: 7B, 8 GiB pool, N = 16, 32, 48
     python experiments/exp1_agents.py --sweep 20,40,60,80   # the seeds' shape: 13B, λ = 0.2/s, tools U(10 s, 20 s)
     python experiments/exp1_agents.py --exp3                # 50 sessions, half paused at breakpoints
+    python experiments/exp1_agents.py --profile long --policies semantic   # 8B, 8k->64k contexts (exp1_long.py)
     python experiments/exp1_agents.py --model random:tiny --device cpu --agents 8 --context 96 ...  # on CPU
 
 Experiment 1: N agents arrive as a Poisson process (rate λ); each loops generate -> tool call
@@ -25,7 +26,7 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import exp1_report as report  # noqa: E402
+from experiments import exp1_long, exp1_long_report, exp1_report as report  # noqa: E402
 from experiments.exp1_run import run_exp3, run_hf, run_policy, workload  # noqa: E402
 from experiments.harness import ROOT, stamp  # noqa: E402
 
@@ -70,9 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="first prompt of each session (so the unpressured run fits beside 13B weights)")
     p.add_argument("--quick", action="store_true", help=f"preset: {QUICK}")
     p.add_argument("--out", default="", help="JSON path (default experiments/results/exp1_<device>_<date>.json)")
+    exp1_long.add_args(p)
     a = p.parse_args(argv)
-    if a.quick:
-        p.set_defaults(**QUICK)
+    if a.quick or a.profile == "long":
+        p.set_defaults(**(QUICK if a.quick else exp1_long.PROFILE))
         a = p.parse_args(argv)
     return resolve(a)
 
@@ -84,10 +86,10 @@ def resolve(a: argparse.Namespace) -> argparse.Namespace:
     a.sizes = [int(n) for n in a.sweep.split(",")] if a.sweep else [a.agents]
     a.policy_list = [x for x in a.policies.split(",") if x]
     if not a.out:
-        kind = "exp3" if a.exp3 else "exp1"
+        kind = "exp3" if a.exp3 else "exp1_long" if a.profile == "long" else "exp1"
         a.out = os.path.join(ROOT, "experiments", "results", f"{kind}_{a.device.split(':')[0]}_{stamp()['date'][:10]}.json")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    return a
+    return exp1_long.resolve(a) if a.profile == "long" else a
 
 
 def tool_times(a, rng: random.Random) -> list[float]:
@@ -112,6 +114,9 @@ def main(argv=None) -> dict:
     if a.exp3:
         result = run_exp3(a)
         report.print_exp3(result)
+    elif a.profile == "long":
+        result = exp1_long.run(a)
+        exp1_long_report.print_table(result)
     else:
         result = run_exp1(a)
         report.print_exp1(result)

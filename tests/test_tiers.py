@@ -111,3 +111,16 @@ def test_a_prefetch_drops_a_session_due_back_later_when_the_arena_is_full():
     assert away.kv is KVPlace.DEVICE and len(away.block_table) == 2
     assert later.kv is KVPlace.DROPPED and idle.kv is KVPlace.DEVICE
     pager.pool.check_integrity([away.block_table, idle.block_table])
+
+
+@pytest.mark.parametrize("policy", ["semantic", "lru"])
+def test_long_profile_paging_exact_with_kv_dropped_and_recomputed(policy):
+    """check_paging_exact's long profile in miniature (fp32): one request at a time, a pool for two
+    agents and an arena for one, so KV goes to the host and is dropped; tokens equal an unpaged run."""
+    from experiments.check_paging_exact import history_tokens, pool_mib, run_agents
+    shape = dict(agents=4, turns=4, context=96, growth=(16, 48), new_tokens=8, tool_s=0.02)
+    size = lambda n: pool_mib("random:tiny", "cpu", "float32", history_tokens(4, 96, 48, 8), n)  # noqa: E731
+    reference, _ = run_agents("random:tiny", "cpu", "float32", "none", size(4), 0, **shape)
+    paged, counters = run_agents("random:tiny", "cpu", "float32", policy, size(2), size(1), **shape)
+    assert counters["swaps_out"] > 0 and counters["resumed_dropped"] > 0 and counters["recomputed_tokens"] > 0
+    assert paged == reference
