@@ -142,3 +142,27 @@ def test_daemon_serves_a_qwen3_folder_and_hf_model_is_qwen3(tmp_path):
         djinn.close()
     finally:
         stop_daemon(daemon)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_paging_and_weight_streaming_keep_hf_tokens_on_each_family(tmp_path, name):
+    """A pool too small for every session (KV swapped out and back) and a weight budget too small for
+    the model (layers streamed, biases and QK-norms resident) give HF's tokens."""
+    model_type, keys = FAMILIES[name]
+    hf = save_hf_folder(tmp_path, model_type, keys, seed=8)
+    engine = build_engine(load_config(None, {"model": str(tmp_path), "device": "cpu", "kv_cache_mb": 0.11,
+                                             "host_arena_mb": 4.0, "weights_budget_mb": 0.7,
+                                             "prefetch_depth": 1}))
+    assert engine.loaded.model.streamer is not None and engine.pool.num_blocks <= 8
+    engine.start()
+    client = LocalClient(engine)
+    firsts, seconds = random_prompts(512, [20] * 4, seed=9), random_prompts(512, [6] * 4, seed=10)
+    sessions = [client.open() for _ in firsts]
+    turn1 = [client.done(e)[0].tokens for e in [client.submit(s, p, 8) for s, p in zip(sessions, firsts)]]
+    turn2 = [client.done(e)[0].tokens for e in [client.submit(s, p, 8) for s, p in zip(sessions, seconds)]]
+    swaps = engine.metrics.counters.get("swaps_out", 0) + engine.metrics.counters.get("kv_drops_device", 0)
+    engine.stop()
+    assert swaps > 0, engine.metrics.counters
+    for first, out1, second, out2 in zip(firsts, turn1, seconds, turn2):
+        assert out1 == hf_greedy(hf, first, 8)
+        assert out2 == hf_greedy(hf, first + out1 + second, 8)
