@@ -69,6 +69,8 @@ class Session:
     tokens: list[int] = field(default_factory=list)
     num_cached: int = 0           # tokens whose K/V are written in the block table's blocks
     block_table: list[int] = field(default_factory=list)
+    block_keys: list = field(default_factory=list)  # content keys of its leading blocks the prefix cache knows
+    prefix_root: bytes | None = None                # where its keys start (who it may share with); None: no sharing
     state: SessionState = SessionState.IDLE
     phase: Phase = Phase.ACTIVE
     request: Request | None = None

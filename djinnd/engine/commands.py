@@ -26,6 +26,8 @@ class OpenSession:
     owner: int
     owner_pid: int
     reply: Reply
+    owner_uid: int | None = None   # SO_PEERCRED; None (in-process): the daemon's own
+    owner_gid: int | None = None
 
 
 @dataclass

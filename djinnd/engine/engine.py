@@ -2,6 +2,7 @@
 scheduler for a batch, runs it, and sends every new token back to the session's client."""
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
 from djinnd.engine.weights_export import WeightExports
+from djinnd.memory.prefix_cache import root_key
 from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
 from djinnd.session import KVPlace, Phase, Request, Session, SessionState
@@ -39,7 +41,7 @@ class Engine:
         self.runner.decoder.capture()
         self.pager = Pager(config.memory.policy, pool, arena, Swapper(pool, arena, device, self.metrics),
                            config.memory.prefetch_lead_ms / 1e3, config.memory.evict_low_water,
-                           config.memory.learned_quantile)
+                           config.memory.learned_quantile, config.memory.prefix_sharing)
         self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens, config.engine.admission,
@@ -191,6 +193,7 @@ class Engine:
 
     def _open(self, c: cmd.OpenSession):
         s = Session(next(self._ids), c.owner, c.owner_pid)
+        s.prefix_root = root_key(self.pager.prefix.scope, _or(c.owner_uid, os.getuid()), _or(c.owner_gid, os.getgid()))
         self.sessions[s.id] = s
         self.metrics.inc("sessions_opened")
         c.reply(cmd.Result({"session": s.id}))
@@ -284,6 +287,8 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
+        for s in self.scheduler.running:      # blocks filled last step become known before admission
+            self.pager.prefix.register(s, may_move=False)
         for s in self.breaks.resumed(self.scheduler.running):
             self.runner.batch.remove(s.id)    # it runs eagerly: its decode row would go stale
             self._after_forward(s, self.breaks.proceed(s))
@@ -414,6 +419,10 @@ class Engine:
         """At shutdown: unlink the weights segment and any logits segments."""
         self.ghost.close()
         self.exports.close()
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _kept_history(s: Session, keep_tokens: int | None) -> int:

@@ -8,6 +8,7 @@ reports the copy finished.
 import time
 
 from djinnd.memory import policies
+from djinnd.memory.prefix_cache import PrefixCache
 from djinnd.session import KVPlace, Phase, Session, SessionState
 
 RETRY_S = 0.005     # a prefetch that found no room tries again this soon
@@ -16,8 +17,9 @@ FIRST_GUESS_BYTES_PER_S = 10e9   # copy-in speed until the first swap-in is meas
 
 class Pager:
     def __init__(self, policy: str, pool, arena, swapper, prefetch_lead_s: float, low_water: float = 0.1,
-                 learned_quantile: float = 0.2):
+                 learned_quantile: float = 0.2, prefix_sharing: str = "user"):
         self.policy, self.pool, self.arena, self.swapper = policy, pool, arena, swapper
+        self.prefix = PrefixCache(pool, prefix_sharing)
         self.prefetch_lead_s = prefetch_lead_s
         self.low_water_blocks = int(low_water * pool.num_blocks)
         self.durations = policies.ToolDurations(learned_quantile)
@@ -87,22 +89,45 @@ class Pager:
         if not policies.evicts_by_copy(self.policy):
             self.drop_kv(s)
             return True
-        if not self.arena.can_allocate(len(blocks)) and not (may_drop and self._host_room(s, keep)):
+        if not self.arena.can_allocate(self._host_need(s)) and not (may_drop and self._host_room(s, keep)):
             return False
         if s.kv is KVPlace.DROPPED:
             return True
-        runs = self.arena.allocate(len(blocks))
-        s.transfers.append(self.swapper.swap_out(s.id, blocks, runs, cause))
-        s.transfers[-1].free_device = blocks
-        s.block_table, s.host_runs, s.kv = [], runs, KVPlace.HOST
+        self._swap_out(s, cause)
         return True
+
+    def _swap_out(self, s: Session, cause: str):
+        """One copy out: s's private blocks, and its shared blocks that have no host copy yet (the
+        first sharer to leave copies them once; the others only let go of them)."""
+        k, shared = len(s.block_keys), s.block_table[:len(s.block_keys)]
+        copied = self.prefix.uncopied(s)
+        hosts = [start + i for start, n in self._host_runs(len(copied)) for i in range(n)]
+        private, runs = s.block_table[k:], self._host_runs(len(s.block_table) - k)
+        self.prefix.swapped_out(s, copied, hosts)
+        held = [shared[i] for i in copied]          # the copy reads them: let go once it is done
+        if held or private:
+            s.transfers.append(self.swapper.swap_out(s.id, held + private, [(h, 1) for h in hosts] + runs, cause))
+            s.transfers[-1].free_device = private + held    # private first: a prefetch may take those
+        self.pool.free([b for i, b in enumerate(shared) if i not in set(copied)])
+        s.block_table, s.host_runs, s.kv = [], runs, KVPlace.HOST
+
+    def _host_runs(self, n: int) -> list:
+        return self.arena.allocate(n) if n else []
+
+    def _host_need(self, s: Session) -> int:
+        """Host blocks evicting s takes: its private blocks and its shared ones not on the host yet."""
+        return len(s.block_table) - len(s.block_keys) + len(self.prefix.uncopied(s))
+
+    def _frees(self, s: Session) -> int:
+        """Device blocks evicting s sets free: those no other session holds."""
+        return sum(1 for b in s.block_table if self.pool.refs[b] == 1)
 
     def _host_room(self, s: Session, keep: Session | None) -> bool:
         """The arena cannot take s's blocks: drop, cheapest to lose first, other sessions' host KV
         until it can, or s's own device KV if that is cheaper. False: nothing could go."""
         hosted = [v for v in self.sessions.values() if policies.droppable_from_host(v) and v is not keep]
         can_drop_s = s.state is not SessionState.PAUSED     # mid-forward KV cannot be rebuilt
-        short, chosen = len(s.block_table) - self.arena.num_free, []
+        short, chosen = self._host_need(s) - self.arena.num_free, []
         for v in policies.drop_order(self.policy, hosted + [s], time.monotonic()):
             if v is s and can_drop_s:
                 break
@@ -124,16 +149,78 @@ class Pager:
         self.metrics.inc("kv_drops_host" if s.kv is KVPlace.HOST else "kv_drops_device")
         self.metrics.inc("kv_dropped_tokens", s.num_cached)
         self._free_after_copies(s, s.block_table, s.host_runs)
+        self._forget_keys(s)
         s.block_table, s.host_runs, s.num_cached, s.kv = [], [], 0, KVPlace.DROPPED
 
-    def restore(self, s: Session, blocks: list[int], cause: str, after=()):
-        """Copy s's swapped KV into the first of `blocks` (allocated for it by the caller), after its
-        own copies in flight and the transfers `after` (copies out of those blocks)."""
-        n = sum(length for _, length in s.host_runs)
-        t = self.swapper.swap_in(s.id, s.host_runs, blocks[:n], cause, after=list(s.transfers) + list(after))
-        t.free_host = s.host_runs
+    def restore_size(self, s: Session) -> int:
+        """Free device blocks that bringing s's KV back takes: all but the shared ones held now."""
+        shared = self.prefix.swapped(s)
+        return sum(n for _, n in s.host_runs) + len(shared) - self.prefix.num_held(shared)
+
+    def restore(self, s: Session, cause: str, taken=(), after=()):
+        """Bring s's swapped KV back. Its shared blocks still on the device are taken as they are
+        (pinned before anything is allocated, so no allocation reclaims them); the rest is copied
+        from the host arena into `taken` (blocks of victims whose copies out, `after`, go first)
+        and blocks from the pool: restore_size(s) - len(taken) of them."""
+        shared = self.prefix.swapped(s)
+        slots = self.prefix.pin(shared)
+        self._wait_fills(s, shared)
+        private = sum(n for _, n in s.host_runs)
+        blocks = list(taken) + self.pool.allocate(max(0, slots.count(None) + private - len(taken)))
+        copies = self.prefix.fill(shared, slots, blocks)
+        blocks = blocks[len(copies):]
+        free_host = s.host_runs + [(h, 1) for h in self.prefix.unswap(s.block_keys)]
+        self._copy_in(s, [(h, 1) for h, _ in copies] + s.host_runs, [d for _, d in copies] + blocks[:private],
+                      cause, after, free_host)
+        s.host_runs, s.kv, s.block_table = [], KVPlace.DEVICE, slots + blocks
+
+    def _copy_in(self, s: Session, runs: list, blocks: list[int], cause: str, after=(), free_host=()):
+        """One copy in for s; `free_host` is freed once it is done."""
+        if not blocks:
+            self._free_host_later(s, list(free_host))
+            return
+        t = self.swapper.swap_in(s.id, runs, blocks, cause, after=list(s.transfers) + list(after))
+        t.free_host = list(free_host)
         s.transfers.append(t)
-        s.host_runs, s.kv, s.block_table = [], KVPlace.DEVICE, blocks
+        for b in blocks:
+            if b in self.prefix.by_device:
+                self.prefix.by_device[b].filling = t    # sharers that come meanwhile wait for it too
+
+    def _wait_fills(self, s: Session, shared: list):
+        """s's forward waits for copies in flight that fill shared blocks it takes."""
+        for b in shared:
+            if b.filling is not None and b.filling in self.swapper.in_flight and b.filling not in s.transfers:
+                s.transfers.append(b.filling)
+
+    def shared_held(self, s: Session) -> int:
+        """Blocks admitting s shares with sessions holding them now: they take no room."""
+        return self.prefix.num_held(self.prefix.swapped(s) if s.kv is KVPlace.HOST else self.prefix.lookup(s))
+
+    def attach_prefix(self, s: Session):
+        """Admission of a request with uncached history: it takes every known block of its prompt
+        (held ones shared, cached ones revived, ones only on the host copied back) and feeds only
+        the rest."""
+        if s.prefix_root is None:
+            return
+        self.prefix.num_query_tokens += s.num_new_tokens
+        found = self.prefix.lookup(s)
+        slots = self.prefix.pin(found)
+        self._wait_fills(s, found)
+        copies = self.prefix.fill(found, slots, self.pool.allocate(slots.count(None)))
+        self._copy_in(s, [(h, 1) for h, _ in copies], [d for _, d in copies], "prefix")
+        s.block_table += slots
+        s.block_keys += [b.key for b in found]
+        s.num_cached += len(found) * self.pool.block_size
+        s.request.num_cached = s.num_cached
+        self.prefix.num_hit_tokens += len(found) * self.pool.block_size
+
+    def settle(self, s: Session):
+        """A request ended: s lets go of known blocks it would write into next (a cancelled request
+        cut its history inside one), and its full blocks become known, duplicates merged."""
+        if self.prefix.cut(s):
+            spare, s.block_table = s.block_table[len(s.block_keys):], s.block_table[:len(s.block_keys)]
+            self._free_after_copies(s, spare, [])
+        self.prefix.register(s, may_move=not s.transfers)
 
     def prefetch(self, s: Session, cause: str, due: float | None = None) -> bool:
         """Bring s's KV back before its request comes. Room comes from free blocks no queued request
@@ -142,9 +229,9 @@ class Pager:
         while queued requests wait for room (admission order decides who gets room next), nor for a
         return the daemon only guessed (a learned duration): evicting on a guess doubles the copies
         whenever the guess is early. False: no room."""
-        n = sum(length for _, length in s.host_runs)
         if s.kv is not KVPlace.HOST or s.state is not SessionState.IDLE:
             return True
+        n = self.restore_size(s)
         reserved = self._reserved()
         spare = max(0, min(n, self.pool.num_free - reserved))
         due = policies.returns_at(s) if due is None else due
@@ -158,7 +245,7 @@ class Pager:
                 self.pool.free(taken)       # blocks of dropped victims only: nothing copies them
             self.metrics.inc("prefetches_deferred")
             return False
-        self.restore(s, self.pool.allocate(spare) + taken, cause, after)
+        self.restore(s, cause, taken, after)
         s.prefetched = True
         return True
 
@@ -166,12 +253,12 @@ class Pager:
         """Evict victims for s, keeping up to n of their device blocks; the rest are freed as usual."""
         taken, after = [], []
         for v in victims:
-            held = len(v.block_table)
+            held = self._frees(v)
             if self.evict(v, "prefetch_room", keep=s) and v.kv is KVPlace.DROPPED:   # its blocks are free now
                 taken += self.pool.allocate(min(held, n - len(taken)))
             elif v.kv is KVPlace.HOST:
                 t = v.transfers[-1]
-                keep = n - len(taken)
+                keep = min(n - len(taken), sum(b not in self.pool.known for b in t.free_device))  # private ones
                 taken, t.free_device = taken + t.free_device[:keep], t.free_device[keep:]
                 after.append(t)
         return taken, after
@@ -186,7 +273,7 @@ class Pager:
         free or on the way."""
         freed = 0
         for s in policies.victims(self.policy, self.sessions.values(), num_blocks, exclude=admitting):
-            n = len(s.block_table)
+            n = self._frees(s)
             if self.evict(s, "pressure"):
                 freed += n
         return freed
@@ -204,7 +291,7 @@ class Pager:
 
     def freeing(self) -> int:
         """Device blocks that copies in flight will set free."""
-        return sum(len(t.free_device) for t in self.swapper.in_flight)
+        return sum(self.pool.refs[b] == 1 for t in self.swapper.in_flight for b in t.free_device)
 
     def busy(self) -> bool:
         return bool(self.swapper.in_flight)
@@ -215,6 +302,7 @@ class Pager:
     def release(self, s: Session):
         """Session gone: free its KV now, or when the copies that touch it finish."""
         self._free_after_copies(s, s.block_table, s.host_runs)
+        self._forget_keys(s)
         s.block_table, s.host_runs = [], []
         self.sessions.pop(s.id, None)
         self.durations.forget(s.id)
@@ -226,15 +314,32 @@ class Pager:
             return
         del s.tokens[keep:]
         s.num_cached = min(s.num_cached, keep)
+        gone = self.prefix.cut(s)          # a shared block it would write into: fed again in a fresh one
         n = self.pool.blocks_for(s.num_cached)
         if s.kv is KVPlace.HOST:
-            s.host_runs, spare = split_runs(s.host_runs, n)
+            s.host_runs, spare = split_runs(s.host_runs, n - len(s.block_keys))
             self._free_after_copies(s, [], spare)
-            if not s.host_runs:
+            self._free_host_later(s, [(h, 1) for h in self.prefix.unswap(gone)])
+            if not s.host_runs and not s.block_keys:
                 s.kv = KVPlace.DEVICE      # nothing left to bring back
         else:
             spare, s.block_table = s.block_table[n:], s.block_table[:n]
             self._free_after_copies(s, spare, [])
+
+    def _forget_keys(self, s: Session):
+        """s lets go of its shared blocks: a swapped session's claims on their host copies too."""
+        if s.kv is KVPlace.HOST:
+            self._free_host_later(s, [(h, 1) for h in self.prefix.unswap(s.block_keys)])
+        s.block_keys = []
+
+    def _free_host_later(self, s: Session, runs: list):
+        """Host copies of shared blocks: any session's copy in may still read them, so they are
+        freed after the last copy in flight (copies in run in order on one stream) and s's own."""
+        copies_in = [t for t in self.swapper.in_flight if t.direction == "in"]
+        if runs and copies_in and not (s.transfers and s.transfers[-1] is copies_in[-1]):
+            copies_in[-1].free_host += runs
+        else:
+            self._free_after_copies(s, [], runs)
 
     def _free_after_copies(self, s: Session, blocks: list[int], runs: list):
         if s.transfers:     # a copy may still read or write them

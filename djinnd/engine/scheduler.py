@@ -45,9 +45,12 @@ class Scheduler:
         return bool(self.waiting) or any(s.state is SessionState.RUNNING for s in self.running)
 
     def blocks_needed(self, s: Session) -> int:
-        """Blocks to reserve so the whole request fits: decode never runs out mid-way."""
-        total = len(s.tokens) + s.request.params.max_new_tokens
-        return max(0, self.pool.blocks_for(total) - len(s.block_table))
+        """Blocks to reserve so the whole request fits (decode never runs out mid-way), less the
+        shared prefix blocks other sessions hold already."""
+        return max(0, self._blocks_total(s) - len(s.block_table) - self.pager.shared_held(s))
+
+    def _blocks_total(self, s: Session) -> int:
+        return self.pool.blocks_for(len(s.tokens) + s.request.params.max_new_tokens)
 
     def add(self, s: Session):
         s.change_state(SessionState.WAITING)
@@ -80,14 +83,15 @@ class Scheduler:
             s = self._head()
             if self._prompt_ahead(s) >= self.max_num_batched_tokens or not self._room_for(s):
                 break   # in order: a large head waits for room rather than being starved by small ones
-            blocks = self.pool.allocate(self.blocks_needed(s))
             if s.kv is KVPlace.HOST:
-                self.pager.restore(s, blocks, "restore")
+                self.pager.restore(s, "restore")
             else:
+                self.pager.attach_prefix(s)     # known blocks of its prompt: only the rest is fed
                 if s.kv is KVPlace.DROPPED:     # its history is prefilled again: GPU time the drop cost
-                    self.pager.metrics.inc("recomputed_tokens", len(s.tokens) - s.request.num_prompt_tokens)
-                s.block_table += blocks
+                    self.pager.metrics.inc("recomputed_tokens", max(0, len(s.tokens) - s.num_cached
+                                                                    - s.request.num_prompt_tokens))
                 s.kv = KVPlace.DEVICE
+            s.block_table += self.pool.allocate(max(0, self._blocks_total(s) - len(s.block_table)))
             self.waiting.remove(s)
             s.change_state(SessionState.RUNNING)
             self.running.append(s)
@@ -135,6 +139,7 @@ class Scheduler:
         keep = self.pool.blocks_for(len(s.tokens))
         self.pool.free(s.block_table[keep:])
         del s.block_table[keep:]
+        self.pager.settle(s)        # its full blocks become known to the prefix cache
 
     def drop(self, s: Session):
         """Forget a session entirely (closed, or its client died) and free all its KV."""

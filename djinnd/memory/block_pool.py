@@ -1,8 +1,11 @@
 """KVBlockPool: the device KV cache, one pre-allocated tensor split into fixed-size token blocks.
 
 Its size is the configured budget, so a small budget forces the memory paths on any device.
+Blocks are reference-counted (sessions share full blocks of a common prefix). A block the prefix
+cache knows by content stays cached when its last holder lets go, and is reclaimed least recently
+used first, only once no free block is left: cached blocks count as free.
 """
-from collections import deque
+from collections import OrderedDict, deque
 
 import torch
 
@@ -26,6 +29,10 @@ class KVBlockPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = deque(range(self.num_blocks))
+        self.refs = [0] * self.num_blocks           # holders of each block: sessions, copies in flight
+        self.cached: OrderedDict[int, None] = OrderedDict()   # known blocks nobody holds, oldest first
+        self.known: set[int] = set()                # blocks the prefix cache maps a content key to
+        self.on_reclaim = lambda block: None        # the prefix cache forgets a block taken for reuse
 
     @property
     def host_block_shape(self) -> tuple:
@@ -35,29 +42,69 @@ class KVBlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can take: free ones, then cached ones."""
+        return len(self._free) + len(self.cached)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.cached)
+
+    @property
+    def num_shared(self) -> int:
+        return sum(1 for r in self.refs if r > 1)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free
 
     def allocate(self, n: int) -> list[int]:
         if not self.can_allocate(n):
-            raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+            raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
+        blocks = [self._take() for _ in range(n)]
+        for b in blocks:
+            self.refs[b] = 1
+        return blocks
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        block, _ = self.cached.popitem(last=False)
+        self.known.discard(block)
+        self.on_reclaim(block)
+        return block
+
+    def share(self, block: int):
+        """One more holder of a block that is held or cached."""
+        if self.refs[block] == 0:
+            del self.cached[block]       # KeyError: neither held nor cached, a bookkeeping bug
+        self.refs[block] += 1
 
     def free(self, blocks: list[int]):
-        self._free.extend(blocks)
+        """Each holder lets go once; a block nobody holds is free again, or cached if it is known."""
+        for b in blocks:
+            if self.refs[b] <= 0:
+                raise RuntimeError(f"KV block {b} freed more often than it was held")
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                if b in self.known:
+                    self.cached[b] = None
+                else:
+                    self._free.append(b)
 
-    def check_integrity(self, tables: list[list[int]]):
-        """Every block is either free or in exactly one table."""
-        held = [b for t in tables for b in t]
-        assert len(held) == len(set(held)), "a block is in two tables"
-        assert not set(held) & set(self._free), "a held block is also free"
-        assert len(held) + len(self._free) == self.num_blocks, "blocks leaked"
+    def check_integrity(self, tables: list[list[int]], in_flight: list[int] = ()):
+        """Each block's count is its holders (tables, copies in flight); the rest is free or cached."""
+        held = [b for t in tables for b in t] + list(in_flight)
+        counts = [0] * self.num_blocks
+        for b in held:
+            counts[b] += 1
+        assert counts == self.refs, "a block's reference count does not match its holders"
+        idle = set(self._free) | set(self.cached)
+        assert not set(held) & idle, "a held block is also free"
+        assert len(set(held)) + len(idle) == self.num_blocks, "blocks leaked"
+        assert set(self.cached) <= self.known, "a cached block has no content key"

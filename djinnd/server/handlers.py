@@ -23,8 +23,10 @@ MAX_REPORTS_IN_FLIGHT = 8     # reports are large: a client pipelining them must
 
 
 class Connection:
-    def __init__(self, conn_id: int, pid: int, writer, inbox, loaded, loop, uid: int | None = None, limits=None):
+    def __init__(self, conn_id: int, pid: int, writer, inbox, loaded, loop, uid: int | None = None, limits=None,
+                 gid: int | None = None):
         self.id, self.pid, self.writer, self.inbox, self.loop = conn_id, pid, writer, inbox, loop
+        self.uid, self.gid = uid, gid           # the peer's, by SO_PEERCRED: who its sessions share KV with
         self.tokenizer, self.label = loaded.tokenizer, loaded.label
         self.tokenizer_dir = loaded.tokenizer_dir
         self.args = loaded.model.args           # the model's shape, to check steering vectors and layers
@@ -120,7 +122,7 @@ class Connection:
             if isinstance(event, cmd.Result):
                 self.sessions.add(event.payload["session"])
             answer(event)
-        self.inbox.put(cmd.OpenSession(self.id, self.pid, self.relay(on_event)))
+        self.inbox.put(cmd.OpenSession(self.id, self.pid, self.relay(on_event), self.uid, self.gid))
 
     def _on_close_session(self, rid, f):
         self.chats.pop(f["session"], None)

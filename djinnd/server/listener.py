@@ -91,7 +91,7 @@ class Listener:
         pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
         limits = self.config.server
         conn = Connection(next(self._ids), pid, writer, self.inbox, self.loaded, asyncio.get_running_loop(),
-                          uid, limits)
+                          uid, limits, gid)
         refusal = self._refusal(uid, gid)
         if refusal:
             self.throttled(f"refused-{refusal[0]}", f"refused pid {pid} uid {uid}: {refusal[1]}")

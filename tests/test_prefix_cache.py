@@ -1,0 +1,239 @@
+"""Shared prefix KV, without a model: content keys, reference counts, copy-on-write, the cache's
+reclaim order, paging of shared blocks and sessions closed while others share their blocks."""
+import pytest
+
+from djinnd.memory.prefix_cache import block_key, root_key
+from djinnd.session import KVPlace, Request, SamplingParams, Session, SessionState
+from test_scheduler import pool_of, scheduler_of
+
+BS = 4      # tokens per block in these tests
+
+
+def session(sid: int, tokens: list[int], max_new=1, root=b"r" * 16) -> Session:
+    s = Session(sid, owner=0, owner_pid=0, tokens=list(tokens), prefix_root=root)
+    s.request = Request(SamplingParams(max_new_tokens=max_new), len(tokens), num_cached=0)
+    return s
+
+
+def run(sched, *sessions):
+    """Admit the sessions, feed their prompts whole (as a forward would) and end their requests."""
+    for s in sessions:
+        sched.pager.sessions[s.id] = s
+        sched.add(s)
+    sched.schedule()
+    for s in sessions:
+        assert s.state is SessionState.RUNNING, "not admitted"
+        s.num_cached = len(s.tokens)
+        s.tokens.append(99)          # the sampled token
+        sched.finish(s)
+        s.request = None
+    sched.pager.poll()
+
+
+def again(s: Session, prompt: list[int], max_new=1):
+    s.tokens += prompt
+    s.request = Request(SamplingParams(max_new_tokens=max_new), len(prompt), num_cached=s.num_cached)
+
+
+def integrity(sched):
+    sessions = sched.pager.sessions.values()
+    in_flight = [b for t in sched.pager.swapper.in_flight for b in t.free_device]
+    sched.pool.check_integrity([s.block_table for s in sessions], in_flight)
+
+
+PREFIX = list(range(100, 112))          # three full blocks
+
+
+def test_keys_chain_every_token_before_them_and_the_sharing_scope():
+    r = root_key("user", 1000, 5)
+    a = [block_key(r, PREFIX[:4])]
+    a.append(block_key(a[0], PREFIX[4:8]))
+    other_first = block_key(r, [7] + PREFIX[1:4])
+    assert block_key(other_first, PREFIX[4:8]) != a[1]      # same tokens after a different block
+    assert block_key(r, PREFIX[:4]) == a[0]                 # deterministic: no per-process hash seed
+    assert root_key("user", 1001, 5) != r and root_key("user", 1000, 6) == r
+    assert root_key("group", 1000, 5) == root_key("group", 1001, 5) != root_key("group", 1000, 6)
+    assert root_key("all", 1, 2) == root_key("all", 3, 4) not in (r, root_key("group", 1000, 5))
+    assert root_key("off", 1000, 5) is None
+
+
+def test_reference_counts_cache_known_blocks_and_reclaim_the_least_recently_used():
+    pool, reclaimed = pool_of(4), []
+    pool.on_reclaim = reclaimed.append
+    a = pool.allocate(3)
+    pool.known.update(a)
+    pool.share(a[0])
+    pool.free(a)                               # a[0] keeps its second holder; the rest are cached
+    assert pool.refs[a[0]] == 1 and pool.num_cached == 2 and pool.num_free == 3 and pool.num_used == 1
+    assert pool.allocate(1) not in ([a[1]], [a[2]]) and not reclaimed        # a free block first
+    assert pool.allocate(1) == [a[1]] and reclaimed == [a[1]]                # then the oldest cached
+    pool.share(a[2])                                                        # revived: not reclaimable
+    assert not pool.can_allocate(1)
+    with pytest.raises(RuntimeError, match="freed more often"):
+        pool.free([a[1], a[1]])
+
+
+def test_a_new_prompt_takes_the_known_blocks_and_feeds_only_the_rest():
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = session(1, PREFIX + [1, 2]), session(2, PREFIX + [3, 4, 5, 6, 7])
+    run(sched, a)
+    sched.pager.sessions[b.id] = b
+    assert sched.blocks_needed(b) == pool.blocks_for(len(b.tokens) + 1) - 3    # the shared blocks cost nothing
+    sched.add(b)
+    sched.schedule()
+    assert b.block_table[:3] == a.block_table[:3] and b.block_table[3] != a.block_table[3]
+    assert b.num_cached == 12 and b.request.num_cached == 12 and b.num_new_tokens == 5
+    assert all(pool.refs[x] == 2 for x in a.block_table[:3])
+    assert sched.pager.prefix.num_hit_tokens == 12
+    integrity(sched)
+
+
+def test_the_whole_prompt_known_still_feeds_its_last_token_and_duplicates_merge_at_the_end():
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = session(1, PREFIX + [1]), session(2, PREFIX)
+    run(sched, a)
+    sched.pager.sessions[b.id] = b
+    sched.add(b)
+    sched.schedule()
+    assert b.block_table[:2] == a.block_table[:2] and b.num_new_tokens == 4
+    assert b.block_table[2] != a.block_table[2]       # its last block is fed: a block of its own
+    own = b.block_table[2]
+    b.num_cached = len(b.tokens)
+    b.tokens.append(99)
+    sched.finish(b)                                   # out of the batch: the duplicate is merged
+    assert b.block_table[:3] == a.block_table[:3] and pool.refs[own] == 0 and own not in pool.cached
+    integrity(sched)
+
+
+def test_other_roots_share_nothing():
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b, c = session(1, PREFIX + [1]), session(2, PREFIX + [1], root=b"x" * 16), session(3, PREFIX + [1], root=None)
+    run(sched, a, b, c)
+    assert not set(a.block_table) & set(b.block_table) and not set(a.block_table) & set(c.block_table)
+    assert c.block_keys == [] and sched.pager.prefix.num_hit_tokens == 0
+
+
+def test_cutting_history_inside_a_shared_block_writes_a_fresh_block():
+    """Copy-on-write: a session that keeps half of a shared block feeds that half again in a block
+    of its own; the sharer's block is untouched."""
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = session(1, PREFIX + [1]), session(2, PREFIX + [2])
+    run(sched, a)
+    run(sched, b)
+    shared = list(a.block_table[:3])
+    sched.pager.truncate(b, 6)                  # inside the second shared block
+    assert b.num_cached == 4 and b.block_table == shared[:1] and len(b.block_keys) == 1
+    again(b, [50, 51])
+    sched.add(b)
+    sched.schedule()
+    assert b.block_table[0] == shared[0] and b.block_table[1] not in shared
+    assert b.num_new_tokens == 4 and a.block_table[:3] == shared and pool.refs[shared[1]] == 1
+    integrity(sched)
+
+
+def test_a_cancelled_request_cut_inside_a_known_block_leaves_it():
+    """finish() after an abort: num_cached points inside a block that became known meanwhile."""
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a = session(1, PREFIX + [1])
+    run(sched, a)
+    again(a, list(range(200, 210)))
+    sched.add(a)
+    sched.schedule()
+    a.num_cached = len(a.tokens)
+    sched.pager.prefix.register(a, may_move=False)      # the prompt's blocks became known mid-request
+    del a.tokens[14:]                                   # the abort cuts the history back ...
+    a.num_cached = 14                                   # ... to inside the fourth block, now known
+    sched.finish(a)
+    assert len(a.block_keys) == 3 and a.num_cached == 12 and len(a.block_table) == 3
+
+
+def test_cached_blocks_are_reclaimed_before_any_session_is_paged():
+    pool = pool_of(10, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    gone, idle = session(1, PREFIX + [1]), session(2, [5, 6, 7, 8, 9, 10, 11, 12, 13])
+    run(sched, gone, idle)
+    sched.drop(gone)                            # its 4 blocks: 3 known (cached), 1 free
+    assert pool.num_cached == 3 and pool.num_free == 10 - len(idle.block_table)
+    new = session(3, list(range(300, 324)))     # 7 blocks: takes the free ones, then the cached
+    run(sched, new)
+    assert idle.kv is KVPlace.DEVICE and sched.pager.metrics.counters.get("swaps_out", 0) == 0
+    assert pool.num_cached == 0 and not sched.pager.prefix.known.keys() & set(gone.block_keys)
+    integrity(sched)
+
+
+def shared_pair(sched):
+    a, b = session(1, PREFIX + [1, 2]), session(2, PREFIX + [3, 4])
+    run(sched, a)
+    run(sched, b)
+    return a, b
+
+
+def test_evicting_a_sharer_copies_its_private_blocks_and_each_shared_block_once():
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = shared_pair(sched)
+    shared = a.block_table[:3]
+    pager = sched.pager
+    assert pager.evict(a, "test")
+    assert pager.swapper.in_flight[-1].nbytes == 4 * pool.block_bytes      # 3 shared (first to leave) + 1
+    assert pager.evict(b, "test")
+    assert pager.swapper.in_flight[-1].nbytes == 1 * pool.block_bytes      # its private block only
+    pager.poll()
+    assert pager.arena.num_used == 5 and pool.num_cached == 3 and all(pool.refs[x] == 0 for x in shared)
+    again(a, [9])
+    run(sched, a)                              # the shared blocks are still on the device
+    assert a.block_table[:3] == shared and pager.metrics.counters["swap_bytes_in"] == pool.block_bytes
+    assert pager.arena.num_used == 4           # b still needs the host copies of the shared blocks
+    integrity(sched)
+
+
+def test_swap_in_copies_shared_blocks_back_once_they_left_the_device():
+    pool = pool_of(8, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = shared_pair(sched)
+    sched.pager.evict(a, "test")
+    sched.pager.evict(b, "test")
+    sched.pager.poll()
+    filler = session(3, list(range(300, 327)))  # takes every block: the cached shared ones go
+    run(sched, filler)
+    sched.drop(filler)
+    again(b, [9])
+    run(sched, b)
+    again(a, [9])
+    run(sched, a)
+    assert a.block_table[:3] == b.block_table[:3]         # copied back once, then shared again
+    assert sched.pager.arena.num_used == 0                # no swapped session needs a host copy now
+    integrity(sched)
+
+
+def test_a_session_closed_while_its_blocks_are_shared_leaves_them_to_the_sharer():
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = shared_pair(sched)
+    shared = a.block_table[:3]
+    sched.drop(a)
+    assert all(pool.refs[x] == 1 for x in shared) and b.block_table[:3] == shared
+    integrity(sched)
+    sched.pager.evict(b, "test")
+    sched.pager.poll()
+    sched.drop(b)                               # closed while swapped out: host copies go too
+    assert sched.pager.arena.num_used == 0 and pool.num_cached == 3 and pool.num_used == 0
+    integrity(sched)
+
+
+def test_recompute_drops_private_kv_and_takes_the_shared_prefix_back():
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "recompute", host_blocks=0)
+    a, b = shared_pair(sched)
+    sched.pager.evict(a, "test")
+    assert a.kv is KVPlace.DROPPED and all(pool.refs[x] == 1 for x in b.block_table[:3])
+    again(a, [9])
+    sched.add(a)
+    sched.schedule()
+    assert a.block_table[:3] == b.block_table[:3] and a.num_cached == 12
+    integrity(sched)
