@@ -83,7 +83,8 @@ class Connection:
         self._lock = threading.Lock()
         self._closed: Exception | None = None
         self._harvesting, self._harvest_tokens = threading.Lock(), 2048
-        threading.Thread(target=self._read_loop, name="libdjinn-reader", daemon=True).start()
+        self._reader = threading.Thread(target=self._read_loop, name="libdjinn-reader", daemon=True)
+        self._reader.start()
         self.info = self.request("hello", version=PROTOCOL_VERSION, pid=os.getpid())
 
     def session(self) -> "Session":
@@ -153,11 +154,23 @@ class Connection:
     def _send(self, rid: int, kind: str, fields: dict, inbox):
         with self._lock:
             if self._closed:
-                raise DaemonUnavailable(ErrorCode.UNAVAILABLE, f"connection to djinnd at {self.path} is closed: "
-                                        f"{self._closed}")
+                raise self._gone()
             if inbox is not None:
                 self._pending[rid] = inbox
-            self.sock.sendall(encode_frame({"type": kind, "id": rid, **fields}))
+            try:
+                self.sock.sendall(encode_frame({"type": kind, "id": rid, **fields}))
+                return
+            except OSError as e:
+                self._pending.pop(rid, None)
+                failure = e
+        self._reader.join(2)        # the daemon may have said why it hung up (a LIMIT at connect)
+        raise self._gone(failure)
+
+    def _gone(self, why: Exception | None = None) -> DjinnError:
+        if isinstance(self._closed, DjinnError):
+            return self._closed
+        return DaemonUnavailable(ErrorCode.UNAVAILABLE, f"connection to djinnd at {self.path} is closed: "
+                                 f"{self._closed or why}")
 
     def _read_loop(self):
         try:
@@ -168,7 +181,7 @@ class Connection:
                 if target is not None:
                     target.put(reply)
                 elif reply.get("type") == "error":  # not tied to a request: the daemon hangs up
-                    raise DjinnError(reply["code"], reply["message"])
+                    raise_for(reply)
         except Exception as e:
             with self._lock:
                 self._closed = e

@@ -450,7 +450,8 @@ def test_paused_sessions_of_many_clients_leave_batch_rows(limited, hf_tiny):
 def small(tmp_path_factory):
     """15 KV blocks, so freed blocks are soon another session's."""
     d = start_daemon(tmp_path_factory.mktemp("small"), "--model", "random:tiny", "--kv-cache-mb", "0.25",
-                     "--host-arena-mb", "1")
+                     "--host-arena-mb", "1", "--max-connections", "8", "--max-connections-per-uid", "6",
+                     "--max-connections-per-pid", "3")
     yield d
     stop_daemon(d)
 
@@ -520,6 +521,45 @@ def test_gpu_decode_kernel_never_reads_nan_from_blocks_a_session_does_not_own():
     for splits in (1, 4):
         out = triton_attention.paged_decode_attention(q, k, v, tables, ctx, splits)
         assert out.isfinite().all() and torch.allclose(out, clean, atol=1e-3, rtol=1e-3), splits
+
+
+# ---- round 3, finding 3: one process cannot lock everyone out ------------------------------------
+HOG = """import sys, libdjinn
+held = [libdjinn.connect(sys.argv[1], timeout=30) for _ in range(int(sys.argv[2]))]
+try:
+    libdjinn.connect(sys.argv[1], timeout=30)
+    print("connected", flush=True)
+except libdjinn.LimitReached as e:
+    print("LimitReached", e, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_one_process_cannot_take_every_connection(small, hf_tiny):
+    """Round 3, finding 3: connections are capped per process and per uid below the global cap, so
+    another process still gets in and is served; refused clients get the LIMIT error (was: a reset)
+    and the log says so once, not per refusal."""
+    hog = subprocess.Popen([sys.executable, "-c", HOG, small.socket, "3"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = hog.stdout.readline()
+        assert line.startswith("LimitReached") and "max_connections_per_pid" in line, line
+        [p] = prompts(6, seed=23)
+        mine = [libdjinn.connect(small.socket, timeout=30) for _ in range(3)]
+        assert mine[0].session().generate(prompt_ids=p, max_new_tokens=3, ignore_eos=True).tokens == \
+            hf_greedy(hf_tiny, p, 3)
+        for _ in range(20):                         # uid 6 of 6 (the global cap is 8)
+            with pytest.raises(libdjinn.LimitReached, match="max_connections_per_uid"):
+                libdjinn.connect(small.socket, timeout=30)
+        mine.pop().close()
+        time.sleep(0.2)
+        mine.append(libdjinn.connect(small.socket, timeout=30))
+        for c in mine:
+            c.close()
+    finally:
+        hog.stdin.close()
+        hog.wait(30)
+    assert small.log().count("max_connections_per_uid") <= 2
 
 
 # ---- findings 4 (policy none), 6: shared memory -------------------------------------------------

@@ -10,6 +10,7 @@ import pwd
 import socket
 import struct
 import time
+from collections import Counter
 
 from djinnd.engine import commands as cmd
 from djinnd.server.handlers import Connection
@@ -64,6 +65,7 @@ class Listener:
         self.server = None
         self.inherited = False
         self.num_connections = 0
+        self.by_uid, self.by_pid = Counter(), Counter()     # connections held, per peer uid and pid
         self.throttled = Throttled()
 
     async def start(self):
@@ -92,14 +94,15 @@ class Listener:
         limits = self.config.server
         conn = Connection(next(self._ids), pid, writer, self.inbox, self.loaded, asyncio.get_running_loop(),
                           uid, limits, gid)
-        refusal = self._refusal(uid, gid)
+        refusal = self._refusal(uid, gid, pid)
         if refusal:
             self.throttled(f"refused-{refusal[0]}", f"refused pid {pid} uid {uid}: {refusal[1]}")
             conn.send(error_reply(None, *refusal))
-            await drain(writer)
-            writer.close()
+            await hang_up(reader, writer)
             return
         self.num_connections += 1
+        self.by_uid[uid] += 1
+        self.by_pid[pid] += 1
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         conn.on_overflow = lambda unread: self._cut_off(conn, writer, unread)
         try:
@@ -110,10 +113,14 @@ class Listener:
             log.exception("connection %d (pid %d) failed", conn.id, pid)
         finally:
             self.num_connections -= 1
+            for held, key in ((self.by_uid, uid), (self.by_pid, pid)):
+                held[key] -= 1
+                if not held[key]:
+                    del held[key]
             self.inbox.put(cmd.ReleaseOwner(conn.id))
             writer.close()
 
-    def _refusal(self, uid: int, gid: int) -> tuple[ErrorCode, str] | None:
+    def _refusal(self, uid: int, gid: int, pid: int) -> tuple[ErrorCode, str] | None:
         limits = self.config.server
         if not may_connect(uid, gid, limits.allowed_group):
             group = f" or members of group {limits.allowed_group!r}" if limits.allowed_group else ""
@@ -121,6 +128,12 @@ class Listener:
         if self.num_connections >= limits.max_connections:
             return ErrorCode.LIMIT, (f"the daemon already serves {limits.max_connections} connections "
                                      "(server.max_connections); try again later")
+        if self.by_uid[uid] >= limits.max_connections_per_uid:
+            return ErrorCode.LIMIT, (f"uid {uid} already holds {limits.max_connections_per_uid} connections "
+                                     "(server.max_connections_per_uid); close some first")
+        if self.by_pid[pid] >= limits.max_connections_per_pid:
+            return ErrorCode.LIMIT, (f"process {pid} already holds {limits.max_connections_per_pid} connections "
+                                     "(server.max_connections_per_pid); share one connection between threads")
         return None
 
     def _cut_off(self, conn: Connection, writer, unread: int):
@@ -151,6 +164,18 @@ class Listener:
                 self.throttled("request-bug", f"request {rid!r} failed: {type(e).__name__}: {e}", logging.ERROR)
                 conn.send(error_reply(rid if isinstance(rid, int) else None, ErrorCode.INTERNAL, repr(e)), counted)
             await drain(writer)      # back-pressure: no new requests while its replies sit unread
+
+
+async def hang_up(reader, writer):
+    """Close a refused connection so that its client reads the error frame: shut our side, take
+    what it sent meanwhile (a socket closed with unread data resets the peer), then close."""
+    await drain(writer)
+    try:
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(1 << 16), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    writer.close()
 
 
 async def drain(writer):
