@@ -4,6 +4,7 @@ from libdjinn.client import (BadRequest, Connection, ContextOverflow, DaemonUnav
                              UnknownSession)
 from libdjinn.client import DEFAULT_TIMEOUT_S
 from libdjinn.ghost import GhostModel
+from libdjinn.interventions import Activations, Harvest, Steer
 from libdjinn.protocol import ErrorCode
 from libdjinn.trace import Pause, Trace
 
@@ -16,4 +17,5 @@ def connect(path: str | None = None, timeout: float | None = DEFAULT_TIMEOUT_S) 
 
 __all__ = ["connect", "Connection", "Session", "Generation", "TokenEvent", "DjinnError", "ErrorCode",
            "UnknownSession", "NotOwner", "ContextOverflow", "NoCapacity", "BadRequest", "NotExported",
-           "LimitReached", "DaemonUnavailable", "Timeout", "Pause", "Trace", "GhostModel"]
+           "LimitReached", "DaemonUnavailable", "Timeout", "Pause", "Trace", "GhostModel", "Steer", "Activations",
+           "Harvest"]

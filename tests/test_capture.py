@@ -1,0 +1,126 @@
+"""Capture and harvest through a real daemon: captured layer outputs equal the hidden states breakpoints
+show, arrive token by token to a streaming reader, stay in the owner's own 0600 segment, and harvest
+gives the same rows for many prompts in one batched forward cut after the deepest layer."""
+import os
+import stat
+import threading
+
+import pytest
+import torch
+
+import libdjinn
+from conftest import random_prompts
+
+GEN = dict(max_new_tokens=7, ignore_eos=True)
+
+
+def breakpoint_rows(session, prompt, layers, adds=None) -> dict:
+    """Each layer's output for the prompt and every generated token, as breakpoints show it."""
+    rows = {layer: [] for layer in layers}
+    trace = session.trace(prompt_ids=prompt, breakpoints=layers, steps="all", **GEN)
+    for bp in trace:
+        if adds and bp.layer in adds:
+            bp.hidden.add_(adds[bp.layer])
+        rows[bp.layer].append(bp.hidden.clone())
+    return {layer: torch.cat(r) for layer, r in rows.items()}, trace.result.tokens
+
+
+def test_captures_equal_the_hidden_states_breakpoints_show(tiny_daemon):
+    [prompt] = random_prompts(512, [13], seed=51)
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        g = djinn.session().generate(prompt_ids=prompt, capture=[0, 3], **GEN)
+        expected, tokens = breakpoint_rows(djinn.session(), prompt, [0, 3])
+    assert g.tokens == tokens
+    for layer in (0, 3):       # 13 prompt rows, then one per generated token fed back (6 of 7)
+        assert g.activations[layer].shape == (13 + 6, 64)
+        torch.testing.assert_close(g.activations[layer], expected[layer], rtol=1e-5, atol=1e-5)
+    assert g.activations.numpy(3).shape == (19, 64)
+
+
+def test_capture_sees_the_steered_output_of_its_layer(tiny_daemon):
+    [prompt] = random_prompts(512, [8], seed=52)
+    v = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 3
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        g = djinn.session().generate(prompt_ids=prompt, steer={1: v}, capture=[1, 2], **GEN)
+        expected, tokens = breakpoint_rows(djinn.session(), prompt, [1, 2], adds={1: v})
+    assert g.tokens == tokens
+    for layer in (1, 2):
+        torch.testing.assert_close(g.activations[layer], expected[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_a_streaming_reader_sees_each_tokens_rows_when_the_token_arrives(tiny_daemon):
+    [prompt] = random_prompts(512, [10], seed=53)
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        seen = []
+        for k, event in enumerate(djinn.session().stream(prompt_ids=prompt, capture=[2], **GEN), start=1):
+            rows = event.activations[2]
+            assert rows.shape[0] == 10 + k - 1
+            seen.append(rows[-1].clone())            # the row written before this token was sent
+        final = djinn.session().generate(prompt_ids=prompt, capture=[2], **GEN).activations[2]
+    torch.testing.assert_close(torch.stack(seen), final[9:], rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_captures_stay_in_their_own_sessions_segments(tiny_daemon):
+    prompts = random_prompts(512, [9, 14, 6], seed=54)
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        alone = [djinn.session().generate(prompt_ids=p, capture=[1], **GEN).activations[1].clone() for p in prompts]
+        results = [None] * 3
+
+        def agent(i):
+            with libdjinn.connect(tiny_daemon.socket) as own:
+                results[i] = own.session().generate(prompt_ids=prompts[i], capture=[1], **GEN)
+        threads = [threading.Thread(target=agent, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    names = {r.activations._mapped.desc["segment"] for r in results}
+    assert len(names) == 3
+    for r, expected in zip(results, alone):
+        torch.testing.assert_close(r.activations[1], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_capture_segment_is_the_owners_alone_and_goes_with_the_session(tiny_daemon):
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        s = djinn.session()
+        g = s.generate(prompt_ids=[5, 6, 7], capture=[0], max_new_tokens=2)
+        path = "/dev/shm" + g.activations._mapped.desc["segment"]
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        s.close()
+        assert not os.path.exists(path)
+        assert g.activations[0].shape == (4, 64)      # the mapping outlives the name
+
+
+def test_bad_capture_layers_are_refused(tiny_daemon):
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        with pytest.raises(libdjinn.BadRequest, match="out of range"):
+            djinn.session().generate(prompt_ids=[5, 6], capture=[4])
+        with pytest.raises(libdjinn.BadRequest, match="twice"):
+            djinn.session().generate(prompt_ids=[5, 6], capture=[1, 1])
+        with pytest.raises(libdjinn.BadRequest, match="out of range"):
+            djinn.harvest([[5, 6]], layers=[9])
+
+
+def test_harvest_gives_each_prompts_rows_in_one_batched_forward(tiny_daemon):
+    prompts = random_prompts(512, [12, 3, 30, 7], seed=55)
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        before = djinn.status()["counters"]
+        h = djinn.harvest(prompts, layers=[1, 2])
+        after = djinn.status()["counters"]
+        for i, p in enumerate(prompts):
+            expected, _ = breakpoint_rows(djinn.session(), p, [1, 2])
+            for layer in (1, 2):
+                torch.testing.assert_close(h.prompt(i, layer), expected[layer][:len(p)], rtol=1e-5, atol=1e-5)
+    assert h[2].shape == (sum(map(len, prompts)), 64)
+    assert after["harvest_tokens"] - before.get("harvest_tokens", 0) == 52
+    assert after.get("sessions_opened") == before.get("sessions_opened")      # no session involved
+
+
+def test_harvest_splits_prompts_over_the_daemons_limit(tiny_daemon):
+    """More tokens than one forward takes: several calls, one result, every row in place."""
+    prompts = random_prompts(512, [700] * 5, seed=56)        # 3,500 tokens; the daemon takes 2,048 a call
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        h = djinn.harvest(prompts, layers=[0])
+        single = djinn.harvest([prompts[4]], layers=[0])
+    assert len(h._parts) > 1 and h[0].shape == (3500, 64)
+    torch.testing.assert_close(h.prompt(4, 0), single[0], rtol=1e-5, atol=1e-5)
