@@ -37,6 +37,6 @@ def main(argv=None):
         preflight.check_all(config, path, inherited)    # before torch: a mistake shows in a moment
         from djinnd import daemon
         return daemon.run(config, path)
-    except StartupError as e:
+    except (StartupError, ConfigError) as e:   # ConfigError here: a value that only the model shows is wrong
         print(f"djinnd: {e}", file=sys.stderr)
         return 2

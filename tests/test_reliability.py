@@ -633,6 +633,7 @@ def test_startup_mistakes_are_one_line_errors(tmp_path, limited):
         **({} if torch.cuda.is_available() else {"cuda": (["--device", "cuda"], "CUDA is not available")}),
         "model": (["--model", str(tmp_path / "no-model")], "no such model folder"),
         "yaml": (["--config", str(bad_yaml)], "not valid YAML"),
+        "weights budget": (["--weights-budget-mb", "0.01"], "weights_budget_mb"),   # round 3, finding 7
     }
     procs = {}
     for name, (flags, _) in cases.items():
