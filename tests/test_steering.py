@@ -155,3 +155,15 @@ def test_a_list_of_floats_is_accepted_on_the_wire(tiny_daemon):
         final = djinn.request("generate", session=s.id, prompt_ids=prompt, **GEN,
                               steer=[{"layer": 2, "vector": v.tolist()}])
         assert final["tokens"] == djinn.session().generate(prompt_ids=prompt, steer={2: v}, **GEN).tokens
+
+
+def test_steered_kv_never_reaches_another_session_with_the_same_prompt(tiny_daemon):
+    """Prefix sharing hands out full KV blocks by their tokens: a steered session's must never be."""
+    [prompt] = random_prompts(512, [40], seed=48)
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        plain = djinn.session().generate(prompt_ids=prompt, **GEN).tokens
+        steered = djinn.session().generate(prompt_ids=prompt, steer={0: vector(6)}, **GEN)
+        later = djinn.session().generate(prompt_ids=prompt, **GEN).tokens
+        captured = djinn.session().generate(prompt_ids=prompt, capture=[0], **GEN)
+    assert steered.tokens != plain and later == plain
+    assert captured.cached_tokens == 0 and captured.activations[0].shape[0] == 40 + 9
