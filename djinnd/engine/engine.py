@@ -266,12 +266,17 @@ class Engine:
         self.metrics.inc("requests")
 
     def _start_interventions(self, s: Session, c: cmd.Generate, keep: int):
-        """Steering vectors and the capture segment of the request (engine/interventions.py)."""
+        """Steering vectors and the capture segment of the request (engine/interventions.py). Such a
+        session leaves prefix sharing for good: steered KV must never reach another session, and a
+        capture needs every prompt token computed, not found."""
         try:
-            return self.runner.interventions.start(s.id, c.interventions, keep, len(c.prompt_ids),
-                                                   c.params.max_new_tokens)
+            captures = self.runner.interventions.start(s.id, c.interventions, keep, len(c.prompt_ids),
+                                                       c.params.max_new_tokens)
         except MemoryError as e:
             raise EngineError(ErrorCode.NO_CAPACITY, f"session {s.id}: capture: {e}") from None
+        if self.runner.interventions.of(s.id) is not None:
+            s.prefix_root = None
+        return captures
 
     def _resume(self, c: cmd.Resume):
         s = self._owned(c.owner, c.session)
