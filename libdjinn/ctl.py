@@ -88,6 +88,12 @@ def format_streaming(w: dict) -> str:
             f"{w['bytes_streamed'] / MiB:,.0f} MiB copied at {rate}, compute waited {w['compute_waits']} times")
 
 
+def format_prefix(mem: dict, p: dict) -> str:
+    return (f"prefix   sharing {p['prefix_sharing']}: {mem['kv_blocks_shared']} shared, {mem['kv_blocks_private']} "
+            f"private, {mem['kv_blocks_cached']} cached blocks; hit rate {p['hit_rate']:.0%} "
+            f"({p['hit_tokens']:,} of {p['query_tokens']:,} prompt tokens)")
+
+
 def format_status(r: dict) -> str:
     m, mem, q = r["model"], r["memory"], r["queue"]
     block_bytes = mem["kv_pool_bytes"] / max(mem["kv_blocks_total"], 1)
@@ -102,6 +108,8 @@ def format_status(r: dict) -> str:
                                           if mem.get("host_arena_pin_s") is not None else ""),
         f"policy   {r['policy']}",
     ]
+    if "prefix_cache" in r:
+        lines.insert(4, format_prefix(mem, r["prefix_cache"]))
     if "engine" in r:
         e = r["engine"]
         graphs = (f"CUDA graphs for batch {e['buckets'][0]}..{e['buckets'][-1]} ({len(e['buckets'])} buckets, captured "
@@ -114,10 +122,11 @@ def format_status(r: dict) -> str:
                      f"{mem['device_reserved_bytes'] / MiB:,.0f} reserved, {mem['device_total_bytes'] / MiB:,.0f} total")
     lines.append(f"queue    {q['running']} running, {q['waiting']} waiting, {q['swaps_in_flight']} swaps in flight")
     lines.append(f"\n{'SESSION':>7} {'PID':>7} {'STATE':<8} {'PHASE':<8} {'TOKENS':>7} {'KV':>7} {'BLOCKS':>6} "
-                 f"{'HOST':>5} WHERE")
+                 f"{'SHARED':>6} {'HOST':>5} WHERE")
     for s in r["sessions"]:
         lines.append(f"{s['id']:>7} {s['owner_pid']:>7} {s['state']:<8} {s['phase']:<8} {s['tokens']:>7} "
-                     f"{s['kv_tokens']:>7} {s['kv_blocks']:>6} {s['host_blocks']:>5} {s['kv_where']}")
+                     f"{s['kv_tokens']:>7} {s['kv_blocks']:>6} {s.get('shared_blocks', 0):>6} {s['host_blocks']:>5} "
+                     f"{s['kv_where']}")
     if not r["sessions"]:
         lines.append("    (no sessions)")
     lines += format_attachments(r.get("weights_export"))

@@ -237,3 +237,39 @@ def test_recompute_drops_private_kv_and_takes_the_shared_prefix_back():
     sched.schedule()
     assert a.block_table[:3] == b.block_table[:3] and a.num_cached == 12
     integrity(sched)
+
+
+# ---- in-process engine: who shares with whom, and the tokens ---------------------------------
+
+def engine_of(scope: str):
+    from djinnd.config import load_config
+    from djinnd.daemon import build_engine
+    engine = build_engine(load_config(None, {"model": "random:tiny", "device": "cpu", "dtype": "float32",
+                                             "kv_cache_mb": 1, "prefix_sharing": scope}))
+    engine.start()
+    return engine
+
+
+def generate_as(engine, uid: int, gid: int, prompt: list[int]):
+    """A session opened by a peer of this uid and gid (as SO_PEERCRED reports them): its reply."""
+    from djinnd.engine import commands as cmd
+    from djinnd.engine.local import LocalClient
+    client, params = LocalClient(engine), SamplingParams(max_new_tokens=6, ignore_eos=True)
+    sid = client.call(lambda r: cmd.OpenSession(uid, 0, r, uid, gid)).get(timeout=600)[1].payload["session"]
+    return client.done(client.call(lambda r: cmd.Generate(uid, sid, prompt, params, r)))[0]
+
+
+@pytest.mark.parametrize("scope, sharers", [("user", {(1000, 5)}), ("group", {(1000, 5), (1001, 5)})])
+def test_only_sessions_in_the_scope_share_and_tokens_do_not_change(scope, sharers):
+    engine = engine_of(scope)
+    try:
+        prompt = list(range(40, 40 + 3 * engine.pool.block_size)) + [7, 8]
+        first = generate_as(engine, 1000, 5, prompt)
+        others = {who: generate_as(engine, *who, prompt) for who in [(1000, 5), (1001, 5), (1002, 6)]}
+    finally:
+        engine.stop()
+        engine.join()
+    assert first.cached_tokens == 0
+    for who, done in others.items():
+        assert done.tokens == first.tokens
+        assert done.cached_tokens == (3 * engine.pool.block_size if who in sharers else 0), who

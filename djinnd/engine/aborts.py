@@ -29,6 +29,7 @@ def abort(engine, s: Session, event):
 def _drop_host_kv(engine, s: Session):
     """Swapped KV of an aborted request holds its whole reservation, which no longer matches the
     shorter history; drop it (the next request prefills the history) rather than restore it."""
+    engine.pager.forget_keys(s)       # and its claims on shared blocks' host copies
     if s.transfers:
         s.transfers[-1].free_host += s.host_runs
     else:

@@ -103,8 +103,7 @@ class BreakpointRunner:
         if s.transfers or not self.pager.pool.can_allocate(n):
             self.pager.make_room(n - self.pager.pool.num_free, s)
             return False
-        self.pager.restore(s, "restore")
-        return True
+        return self.pager.restore(s, "restore")
 
     def discard(self, s: Session):
         if s.paused is not None:

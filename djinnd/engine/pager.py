@@ -149,7 +149,7 @@ class Pager:
         self.metrics.inc("kv_drops_host" if s.kv is KVPlace.HOST else "kv_drops_device")
         self.metrics.inc("kv_dropped_tokens", s.num_cached)
         self._free_after_copies(s, s.block_table, s.host_runs)
-        self._forget_keys(s)
+        self.forget_keys(s)
         s.block_table, s.host_runs, s.num_cached, s.kv = [], [], 0, KVPlace.DROPPED
 
     def restore_size(self, s: Session) -> int:
@@ -157,22 +157,28 @@ class Pager:
         shared = self.prefix.swapped(s)
         return sum(n for _, n in s.host_runs) + len(shared) - self.prefix.num_held(shared)
 
-    def restore(self, s: Session, cause: str, taken=(), after=()):
+    def restore(self, s: Session, cause: str, taken=(), after=()) -> bool:
         """Bring s's swapped KV back. Its shared blocks still on the device are taken as they are
         (pinned before anything is allocated, so no allocation reclaims them); the rest is copied
         from the host arena into `taken` (blocks of victims whose copies out, `after`, go first)
-        and blocks from the pool: restore_size(s) - len(taken) of them."""
+        and blocks from the pool: restore_size(s) - len(taken) of them. False: fewer are free (a
+        shared block was reclaimed since the caller counted), and nothing changed."""
         shared = self.prefix.swapped(s)
         slots = self.prefix.pin(shared)
-        self._wait_fills(s, shared)
         private = sum(n for _, n in s.host_runs)
-        blocks = list(taken) + self.pool.allocate(max(0, slots.count(None) + private - len(taken)))
+        need = max(0, slots.count(None) + private - len(taken))
+        if not self.pool.can_allocate(need):
+            self.pool.free([b for b in slots if b is not None])
+            return False
+        self._wait_fills(s, shared)
+        blocks = list(taken) + self.pool.allocate(need)
         copies = self.prefix.fill(shared, slots, blocks)
         blocks = blocks[len(copies):]
         free_host = s.host_runs + [(h, 1) for h in self.prefix.unswap(s.block_keys)]
         self._copy_in(s, [(h, 1) for h, _ in copies] + s.host_runs, [d for _, d in copies] + blocks[:private],
                       cause, after, free_host)
         s.host_runs, s.kv, s.block_table = [], KVPlace.DEVICE, slots + blocks
+        return True
 
     def _copy_in(self, s: Session, runs: list, blocks: list[int], cause: str, after=(), free_host=()):
         """One copy in for s; `free_host` is freed once it is done."""
@@ -238,14 +244,13 @@ class Pager:
         may_evict = reserved <= self.pool.num_free and (cause != "prefetch" or s.hinted)
         victims = policies.prefetch_victims(self.sessions.values(), s, n - spare, due) if may_evict else []
         taken, after = self._take_blocks(victims, n - spare, s)
-        if spare + len(taken) < n:
+        if spare + len(taken) < n or not self.restore(s, cause, taken, after):
             if after:
                 after[-1].free_device += taken
             else:
                 self.pool.free(taken)       # blocks of dropped victims only: nothing copies them
             self.metrics.inc("prefetches_deferred")
             return False
-        self.restore(s, cause, taken, after)
         s.prefetched = True
         return True
 
@@ -302,7 +307,7 @@ class Pager:
     def release(self, s: Session):
         """Session gone: free its KV now, or when the copies that touch it finish."""
         self._free_after_copies(s, s.block_table, s.host_runs)
-        self._forget_keys(s)
+        self.forget_keys(s)
         s.block_table, s.host_runs = [], []
         self.sessions.pop(s.id, None)
         self.durations.forget(s.id)
@@ -326,7 +331,7 @@ class Pager:
             spare, s.block_table = s.block_table[n:], s.block_table[:n]
             self._free_after_copies(s, spare, [])
 
-    def _forget_keys(self, s: Session):
+    def forget_keys(self, s: Session):
         """s lets go of its shared blocks: a swapped session's claims on their host copies too."""
         if s.kv is KVPlace.HOST:
             self._free_host_later(s, [(h, 1) for h in self.prefix.unswap(s.block_keys)])

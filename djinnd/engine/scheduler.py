@@ -84,7 +84,8 @@ class Scheduler:
             if self._prompt_ahead(s) >= self.max_num_batched_tokens or not self._room_for(s):
                 break   # in order: a large head waits for room rather than being starved by small ones
             if s.kv is KVPlace.HOST:
-                self.pager.restore(s, "restore")
+                if not self.pager.restore(s, "restore"):
+                    break               # room counted just now: cannot happen, but never admit it swapped
             else:
                 self.pager.attach_prefix(s)     # known blocks of its prompt: only the rest is fed
                 if s.kv is KVPlace.DROPPED:     # its history is prefilled again: GPU time the drop cost

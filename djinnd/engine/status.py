@@ -16,6 +16,8 @@ def engine_status(engine) -> dict:
             "weights_bytes": weights,
             "kv_pool_bytes": pool.num_blocks * pool.block_bytes,
             "kv_blocks_total": pool.num_blocks, "kv_blocks_used": pool.num_used,
+            "kv_blocks_shared": pool.num_shared, "kv_blocks_private": pool.num_used - pool.num_shared,
+            "kv_blocks_cached": pool.num_cached,
             "kv_block_tokens": pool.block_size,
             "host_arena_bytes": arena.num_blocks * arena.block_bytes,
             "host_arena_used_bytes": arena.num_used * arena.block_bytes,
@@ -23,7 +25,8 @@ def engine_status(engine) -> dict:
             **_device_memory(engine.device),
         },
         "weight_streaming": model.streamer.status() if model.streamer is not None else None,
-        "sessions": [_session_row(s) for s in engine.sessions.values()],
+        "prefix_cache": engine.pager.prefix.status(),
+        "sessions": [_session_row(s, pool.refs) for s in engine.sessions.values()],
         "queue": {"waiting": len(engine.scheduler.waiting), "running": len(engine.scheduler.running),
                   "swaps_in_flight": len(engine.pager.swapper.in_flight)},
         "counters": engine.metrics.snapshot(),
@@ -42,7 +45,7 @@ def memory_probe(engine) -> dict:
             **_device_memory(engine.device, total=False)}
 
 
-def _session_row(s) -> dict:
+def _session_row(s, refs) -> dict:
     where = s.kv.value
     if s.transfers:          # a copy is in flight: show where the KV is headed
         where = "->device" if s.transfers[-1].direction == "in" else "->host"
@@ -50,7 +53,8 @@ def _session_row(s) -> dict:
         where = "none"
     return {"id": s.id, "owner_pid": s.owner_pid, "state": s.state.value, "phase": s.phase.value,
             "tokens": len(s.tokens), "kv_tokens": s.num_cached, "kv_blocks": len(s.block_table),
-            "host_blocks": sum(n for _, n in s.host_runs), "kv_where": where}
+            "host_blocks": sum(n for _, n in s.host_runs), "kv_where": where,
+            "shared_blocks": sum(1 for b in s.block_table if refs[b] > 1)}
 
 
 def _device_memory(device, total=True) -> dict:
