@@ -72,7 +72,7 @@ def memory_plan(a) -> dict:
         headroom = a.headroom_mb * MiB or 0.06 * gpu["total"] + 2 * GiB
         pool = gpu["free"] - weights_bytes(args, elem) - headroom
     else:
-        pool = worst / a.oversubscribe
+        pool = max(worst / a.oversubscribe, 2.2 * a.max_context * per_token)     # two full agents at least
     host = host_memory()
     arena = a.host_arena_mb * MiB or (min(0.5 * host["ram_total"], 0.8 * host["shm_free"]) if gpu else 0.5 * pool)
     return {"kv_bytes_per_token": per_token, "kv_pool_bytes": int(pool), "host_arena_bytes": int(arena),
@@ -89,14 +89,14 @@ def weights_bytes(args, elem: int) -> int:
 
 
 def print_plan(a, m: dict):
-    per_agent = a.max_context * m["kv_bytes_per_token"]
+    per_agent, size = a.max_context * m["kv_bytes_per_token"], report.size
     print(f"model {a.model} {a.dtype} on {a.device}{' (' + m['gpu']['name'] + ')' if m['gpu'] else ''}: "
-          f"{m['kv_bytes_per_token'] / 2**10:.0f} KiB of KV per token; weights {m['weights_bytes'] / GiB:.1f} GiB; "
-          f"KV pool {m['kv_pool_bytes'] / GiB:.2f} GiB{' (device memory left after weights)' if m['pool_auto'] else ''}; "
-          f"host arena {m['host_arena_bytes'] / GiB:.2f} GiB (host RAM {m['host']['ram_total'] / GiB:.0f} GiB)", flush=True)
+          f"{size(m['kv_bytes_per_token'])} of KV per token; weights {size(m['weights_bytes'])}; "
+          f"KV pool {size(m['kv_pool_bytes'])}{' (device memory left after weights)' if m['pool_auto'] else ''}; "
+          f"host arena {size(m['host_arena_bytes'])} (host RAM {size(m['host']['ram_total'])})", flush=True)
     for n in a.sizes:
         kv = n * per_agent
-        print(f"  N={n}: up to {kv / GiB:.1f} GiB of KV at {a.max_context} tokens each = "
+        print(f"  N={n}: up to {size(kv)} of KV at {a.max_context} tokens each = "
               f"{kv / m['kv_pool_bytes']:.1f}x the pool, {kv / (m['kv_pool_bytes'] + m['host_arena_bytes']):.1f}x "
               f"pool + arena", flush=True)
     print(f"  {a.arrivals} arrivals, {a.duration_s:.0f} s per N, tools lognormal median {a.tool_median} s "
@@ -121,7 +121,7 @@ def daemon_flags(a, m: dict, policy: str, pool_bytes: float) -> list[str]:
     period = max(50.0, 1e3 * len(a.sizes) * (a.duration_s + GRACE_S) / 3000)    # the daemon keeps 4,096 samples
     seqs = ["--max-num-seqs", str(max(a.sizes))] if max(a.sizes) > 64 else []
     return ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--policy", policy,
-            "--kv-cache-mb", f"{pool_bytes / MiB:.1f}", "--host-arena-mb", f"{m['host_arena_bytes'] / MiB:.1f}",
+            "--kv-cache-mb", f"{pool_bytes / MiB:.3f}", "--host-arena-mb", f"{m['host_arena_bytes'] / MiB:.3f}",
             "--timeline-period-ms", f"{period:.0f}", *seqs, *a.daemon_flags.split()]
 
 

@@ -62,6 +62,14 @@ def exhausted(r: dict) -> str:
     return ", ".join(full) or "nothing (load below capacity)"
 
 
+def size(nbytes: float) -> str:
+    """Bytes the way a person reads them: 1.5G, 340M, 12K."""
+    for unit, scale in (("G", GiB), ("M", 2**20), ("K", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f}{unit}"
+    return f"{nbytes:.0f}B"
+
+
 def _mean(xs: list) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
@@ -109,23 +117,24 @@ def line(r: dict) -> str:
     t, f, q, u = r["ttft_resumed_ms"], r["ttft_first_ms"], r["queue_wait_ms"], r["use"]
     return (f"{r['policy']:<10} {r['agents']:>4} {r['turns']:>5} {r['refused']:>4} {r['turns_per_s']:>6.2f} "
             f"{r['tokens_per_s']:>7.0f} {fmt(t['p50']):>6} {fmt(t['p99']):>6} {fmt(t.get('max')):>6} "
-            f"{fmt(f['p50']):>6} {fmt(q.get('max')):>7} {r['context_max']:>6} {r['gib_out']:>6.1f} "
-            f"{r['gib_in']:>6.1f} {r['recompute_gpu_s']:>6.1f} {r['kv_drops_device'] + r['kv_drops_host']:>5.0f} "
+            f"{fmt(f['p50']):>6} {fmt(q.get('max')):>7} {r['context_max']:>6} {size(r['gib_out'] * GiB):>6} "
+            f"{size(r['gib_in'] * GiB):>6} {r['recompute_gpu_s']:>6.1f} {r['kv_drops_device'] + r['kv_drops_host']:>5.0f} "
             f"{u['device blocks']:>5.0%} {u['host arena']:>5.0%} {u['PCIe']:>5.0%} {u['GPU']:>5.0%}")
 
 
 HEADER = (f"{'policy':<10} {'N':>4} {'turns':>5} {'ref':>4} {'turn/s':>6} {'tok/s':>7} {'res50':>6} {'res99':>6} "
-          f"{'resmax':>6} {'1st50':>6} {'q max':>7} {'ctx':>6} {'GiBout':>6} {'GiBin':>6} {'recS':>6} {'drops':>5} "
+          f"{'resmax':>6} {'1st50':>6} {'q max':>7} {'ctx':>6} {'out':>6} {'in':>6} {'recS':>6} {'drops':>5} "
           f"{'pool':>5} {'arena':>5} {'PCIe':>5} {'GPU':>5}")
 
 
 def print_table(result: dict):
     a, m = result["args"], result["memory"]
     print(f"\nExperiment 1, long profile: {a['model']} {a['dtype']} on {result.get('gpu') or a['device']}, "
-          f"{result['date'][:10]}, commit {result['git']}; pool {m['kv_pool_bytes'] / GiB:.1f} GiB, arena "
-          f"{m['host_arena_bytes'] / GiB:.1f} GiB; {a['arrivals']} arrivals, {a['duration_s']:.0f} s per N, "
+          f"{result['date'][:10]}, commit {result['git']}; pool {size(m['kv_pool_bytes'])}, arena "
+          f"{size(m['host_arena_bytes'])}; {a['arrivals']} arrivals, {a['duration_s']:.0f} s per N, "
           f"time scale {a['time_scale']}")
-    print("TTFT and queue in ms; pool: share of samples with the pool full; arena: peak; PCIe, GPU: busy share")
+    print("TTFT and queue in ms; out/in: KV copied to/from the host; recS: GPU seconds recomputing dropped KV; "
+          "pool: share of samples with the pool full; arena: its peak; PCIe, GPU: busy share")
     print(HEADER)
     for r in result["rows"]:
         print(line(r) + (f"  tokens {r['turns_equal']}/{r['turns_compared']}" if "turns_compared" in r else ""))
