@@ -93,14 +93,15 @@ class Connection:
     def status(self) -> dict:
         return self.request("status")
 
-    def harvest(self, prompts: list[list[int]], layers: list[int]) -> Harvest:
+    def harvest(self, prompts: list[list[int]], layers: list[int], max_batch_tokens: int | None = None) -> Harvest:
         """The outputs of decoder `layers` for every token of `prompts` (lists of token ids), batched
         across prompts at prefill speed, the forward cut after the deepest layer, nothing sampled and
-        no session touched. h[layer]: [total tokens, hidden]; h.prompt(i, layer): prompt i's rows."""
+        no session touched. h[layer]: [total tokens, hidden]; h.prompt(i, layer): prompt i's rows.
+        One daemon forward takes up to its max_num_batched_tokens (or max_batch_tokens) at a time."""
         with self._harvesting:       # the daemon replaces a connection's harvest segment at its next call
             parts, rest = [], [list(p) for p in prompts]
             while rest:
-                batch = harvest_batches(rest, self._harvest_tokens)[0]
+                batch = harvest_batches(rest, min(self._harvest_tokens, max_batch_tokens or 1 << 62))[0]
                 reply = self.request("harvest", prompts=batch, layers=list(layers))
                 parts.append((MappedTensor(reply["tensor"]), reply["lengths"]))   # mapped before the next call
                 self._harvest_tokens, rest = reply["max_tokens"], rest[len(batch):]

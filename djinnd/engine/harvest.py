@@ -35,9 +35,10 @@ class Harvester:
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise EngineError(ErrorCode.BAD_REQUEST, f"harvest: a prompt holds a token outside the vocabulary "
                                                      f"(0..{vocab - 1})")
-        if max(len(p) for p in prompts) > self.max_model_len or total > self.max_tokens:
+        if max(len(p) for p in prompts) > self.max_model_len or total > self.max_tokens and len(prompts) > 1:
             raise EngineError(ErrorCode.CONTEXT_OVERFLOW, f"harvest: {len(prompts)} prompts of {total} tokens; the "
-                              f"limit is {self.max_model_len} per prompt and {self.max_tokens} per call")
+                              f"limit is {self.max_model_len} per prompt and {self.max_tokens} per call "
+                              "(max_num_batched_tokens; a longer prompt goes alone)")
         need = sum(self.pool.blocks_for(len(p)) for p in prompts)
         if not self.pool.can_allocate(need):
             raise EngineError(ErrorCode.NO_CAPACITY, f"harvest: {total} tokens need {need} KV blocks; "
