@@ -51,8 +51,7 @@ class Engine:
         self.exports = WeightExports(loaded)
         self.ghost = GhostForwards(self.runner, pool, self.max_model_len,
                                    max(e.max_num_batched_tokens, self.max_model_len))
-        self.harvester = Harvester(self.runner, pool, self.max_model_len,
-                                   max(e.max_num_batched_tokens, self.max_model_len))
+        self.harvester = Harvester(self.runner, pool, self.max_model_len, e.max_num_batched_tokens)
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
