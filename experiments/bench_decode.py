@@ -130,8 +130,9 @@ def fits(facts: dict, batch: int, tokens: int) -> bool:
 
 def measure_engine(a, batches, contexts, prefill_lens, overrides) -> tuple[dict, dict, object]:
     """Prefill ms per prompt length and decode tok/s per (context, batch); the engine's facts; the model."""
+    # prefix sharing off: repeated prompts (warm-ups, repeats) must be prefilled, not found cached
     engine = build_engine(load_config(None, {"model": a.model, "device": a.device, "kv_cache_mb": a.kv_cache_mb,
-                                             "max_num_seqs": max(batches), **overrides}))
+                                             "max_num_seqs": max(batches), "prefix_sharing": "off", **overrides}))
     engine.start()
     client = LocalClient(engine)
     facts = {"block_size": engine.pool.block_size, "num_blocks": engine.pool.num_blocks,
