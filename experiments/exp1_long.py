@@ -39,8 +39,9 @@ def add_args(p):
     g.add_argument("--profile", choices=("short", "long"), default="short")
     g.add_argument("--arrivals", choices=("closed", "poisson"), default="closed")
     g.add_argument("--duration", type=float, default=0, help="seconds per N (0: the sweep fits --budget-s)")
-    g.add_argument("--budget-s", type=float, default=570, help="one policy's whole sweep, start-up included")
-    g.add_argument("--stagger-s", type=float, default=10, help="closed loop: starts spread over this long")
+    g.add_argument("--budget-s", type=float, default=540, help="one policy's whole sweep, start-up included")
+    g.add_argument("--stagger-s", type=float, default=0.5,
+                   help="closed loop: agent i starts i x this many seconds in (at most a third of --duration)")
     g.add_argument("--growth-min", type=int, default=1024, help="tokens of a tool result, at least")
     g.add_argument("--growth-max", type=int, default=4096)
     g.add_argument("--max-context", type=int, default=65536, help="a conversation ends before passing this")
@@ -107,7 +108,7 @@ def jobs(a, n: int, vocab: int) -> list[dict]:
     """The same agents for every policy; arrive_s: when each starts after the run's start."""
     rng, t, out = random.Random(a.seed), 0.0, []
     for i in range(n):
-        t = i * min(a.stagger_s, a.duration_s / 4) / n if a.arrivals == "closed" else t + rng.expovariate(a.rate / a.time_scale)
+        t = i * min(a.stagger_s, a.duration_s / 3 / n) if a.arrivals == "closed" else t + rng.expovariate(a.rate / a.time_scale)
         out.append({"seed": a.seed * 100003 + i, "arrive_s": t, "vocab": vocab, "context": a.context,
                     "new_tokens": a.new_tokens, "growth": [a.growth_min, a.growth_max], "max_context": a.max_context,
                     "tool_median_s": a.tool_median, "tool_sigma": a.tool_sigma, "tool_cap_s": a.tool_cap,
@@ -138,24 +139,31 @@ def start(a, m: dict, policy: str):
             print(f"djinnd did not start; retrying with a {pool / GiB:.1f} GiB pool", flush=True)
 
 
-def run_policy(a, m: dict, policy: str, agent_sets: list[list[dict]]) -> list[dict]:
+def run_policy(a, m: dict, policy: str, agent_sets: list[list[dict]], saved=lambda rows: None) -> list[dict]:
+    """One daemon, the sweep's N one after another; an N that would outrun --budget-s is skipped."""
+    began = time.time()
     try:
         daemon, sock, pool = start(a, m, policy)
     except RuntimeError as e:
         return [report.not_run(policy, len(agents), str(e)) for agents in agent_sets]
-    rows = []
+    rows, deadline = [], began + a.budget_s
     try:
         with libdjinn.connect(sock) as djinn:
             for agents in agent_sets:
+                if time.time() + a.duration_s + GRACE_S > deadline:
+                    rows.append(report.not_run(policy, len(agents), f"--budget-s {a.budget_s:.0f} spent"))
+                    continue
                 before, started = observe(djinn), time.time()
                 results = spawn(sock, agents, started, started + a.duration_s)
                 after = observe(djinn)
                 timeline = [t for t in after["timeline"] if t["t"] >= started]
                 png = f"{os.path.splitext(a.out)[0]}_{policy}_n{len(agents)}.png"
                 plots.plot_timeline(timeline, png, title=f"long profile, policy {policy}, {len(agents)} agents")
-                rows.append(report.row(policy, len(agents), started, results, before, after, timeline)
+                steady = started + max(job["arrive_s"] for job in agents)    # every agent has started
+                rows.append(report.row(policy, len(agents), started, results, before, after, timeline, steady)
                             | {"timeline_png": png, "kv_pool_bytes_asked": pool})
                 print(report.line(rows[-1]), flush=True)
+                saved(rows)             # a command cut short keeps what it measured
     finally:
         stop_daemon(daemon)
     return rows
@@ -200,8 +208,9 @@ def run(a) -> dict:
     sets = [jobs(a, n, m["vocab"]) for n in a.sizes]
     result = {**stamp(), "experiment": "1-long", "args": dict(vars(a)), "memory": m, "rows": []}
     for policy in a.policy_list:
-        result["rows"] += run_policy(a, m, policy, sets)
-        save(a, result)                 # a run cut short keeps what it measured
+        done = list(result["rows"])
+        result["rows"] = done + run_policy(a, m, policy, sets, lambda rows: save(a, result | {"rows": done + rows}))
+        save(a, result)
     report.compare_tokens(result["rows"])
     result["largest_n"] = {str(slo): report.largest_n(result["rows"], slo) for slo in a.slo_list}
     result["ran_out"] = report.ran_out(result["rows"], a.slo_ms)
