@@ -167,3 +167,17 @@ def test_steered_kv_never_reaches_another_session_with_the_same_prompt(tiny_daem
         captured = djinn.session().generate(prompt_ids=prompt, capture=[0], **GEN)
     assert steered.tokens != plain and later == plain
     assert captured.cached_tokens == 0 and captured.activations[0].shape[0] == 40 + 9
+
+
+
+def test_the_openai_front_passes_steer_from_the_body_to_the_daemon():
+    """`steer` in the request body (extra_body with the openai client) becomes the daemon's field, sent
+    as a list of floats (test_a_list_of_floats_is_accepted_on_the_wire takes it from there)."""
+    pytest.importorskip("pydantic")
+    from libdjinn.openai.schemas import CompletionRequest
+    body = {"model": "djinn", "prompt": "Hi", "steer": [{"layer": 3, "vector": [0.5, -1.0], "positions": "generated"}]}
+    sampling = CompletionRequest.model_validate(body).daemon_sampling(8)
+    assert sampling["steer"] == [{"layer": 3, "vector": [0.5, -1.0], "scale": 1.0, "positions": "generated"}]
+    assert "steer" not in CompletionRequest.model_validate({"model": "djinn", "prompt": "Hi"}).daemon_sampling(8)
+    with pytest.raises(ValueError, match="positions"):
+        CompletionRequest.model_validate(body | {"steer": [{"layer": 3, "vector": [1.0], "positions": "middle"}]})

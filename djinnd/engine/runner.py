@@ -38,6 +38,7 @@ class Runner:
         self.host_ids = torch.zeros(2, max_num_seqs, dtype=torch.int64, pin_memory=self.is_cuda)  # double-buffered
         self._flip = 0
         self.in_flight: LaunchedStep | None = None     # a decode step whose tokens the host has not read
+        self._layer_indexes: dict[tuple, torch.Tensor] = {}
 
     # ---- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -126,12 +127,18 @@ class Runner:
     def _stage_capture(self, rows: list[Session]) -> tuple:
         """Copy the captured layers' staged rows and the rows' positions to the host, behind the step."""
         layers, n = self.interventions.capture_layers(rows), len(rows)
-        staged = self.batch.stage[:, :n].index_select(0, torch.tensor(layers, device=self.batch.stage.device))
+        staged = self.batch.stage[:, :n].index_select(0, self._layer_index(tuple(layers)))
         host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=self.is_cuda)
         positions = torch.empty(n, dtype=torch.int64, pin_memory=self.is_cuda)
         host.copy_(staged, non_blocking=True)
         positions.copy_(self.batch.positions[:n], non_blocking=True)
         return [self.interventions.of(s.id) for s in rows], layers, host, positions
+
+    def _layer_index(self, layers: tuple) -> torch.Tensor:
+        """A device index of layers, made once: a host-to-device copy per step would wait for the GPU."""
+        if layers not in self._layer_indexes:
+            self._layer_indexes[layers] = torch.tensor(layers, device=self.batch.stage.device)
+        return self._layer_indexes[layers]
 
     def _collect(self, step: "LaunchedStep") -> list[tuple[Session, int]]:
         """Wait for a launched step (an event wait releases the GIL, so the server keeps streaming)

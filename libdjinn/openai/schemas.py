@@ -42,6 +42,15 @@ class StreamOptions(Loose):
     include_usage: bool = False
 
 
+class SteerItem(BaseModel):
+    """An extension (in extra_body): add scale * vector to decoder `layer`'s output for this request."""
+    model_config = ConfigDict(extra="forbid")
+    layer: int
+    vector: list[float]
+    scale: float = 1.0
+    positions: Literal["all", "prompt", "generated"] = "all"
+
+
 class Sampling(Loose):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -53,6 +62,7 @@ class Sampling(Loose):
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     ignore_eos: bool = False          # an extension, as in vLLM: always generate max_tokens
+    steer: list[SteerItem] | None = None   # an extension: steering vectors, checked by the daemon
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -61,6 +71,8 @@ class Sampling(Loose):
     def daemon_sampling(self, max_tokens: int) -> dict:
         p = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": max(self.top_p, 1e-6),
              "ignore_eos": self.ignore_eos}
+        if self.steer:
+            p["steer"] = [item.model_dump() for item in self.steer]
         return p | ({"seed": self.seed} if self.seed is not None else {})
 
     def include_usage(self) -> bool:
