@@ -1,8 +1,9 @@
 """Activation steering on the shared, resident model: no weights in this process, no CUDA.
 
-Reads the hidden states of two contrasting prompts after one decoder layer, takes the difference
-of their means as a steering vector, and adds it at that layer while the model answers a third
-prompt, next to the unsteered answer.
+Captures the output of one decoder layer on two contrasting prompts (zero-copy views on this
+session's shared memory), takes the difference of their means as a steering vector, and adds it at
+that layer while the model answers a third prompt, next to the unsteered answer. Steering and
+capture run inside the daemon's batch: no pause, other agents' decoding is not slowed.
 
     python agents/steering.py --layer 15 --strength 4
 """
@@ -11,11 +12,11 @@ import argparse
 import libdjinn
 
 
-def mean_hidden(session, text: str, layer: int):
-    """Mean over tokens of the output of `layer` on the prompt's forward."""
-    for bp in session.trace(messages=[{"role": "user", "content": text}], breakpoints=[layer], max_new_tokens=1):
-        mean = bp.hidden.mean(dim=0)                # a new tensor: the view itself ends at resume
-    return mean
+def mean_output(djinn, text: str, layer: int):
+    """Mean over the prompt's tokens of `layer`'s output (the forward stops there: nothing sampled)."""
+    trace = djinn.session().trace(messages=[{"role": "user", "content": text}], capture=[layer], stop_at_layer=layer)
+    list(trace)                                      # no breakpoints: it ends at once
+    return trace.result.activations[layer].mean(dim=0)
 
 
 def main():
@@ -29,22 +30,14 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=40)
     a = p.parse_args()
     with libdjinn.connect(a.socket) as djinn:
-        probe = djinn.session()
-        direction = mean_hidden(probe, a.positive, a.layer) - mean_hidden(djinn.session(), a.negative, a.layer)
+        direction = mean_output(djinn, a.positive, a.layer) - mean_output(djinn, a.negative, a.layer)
         direction *= a.strength / direction.norm()
-
-        def steer(bp):
-            bp.hidden.add_(direction)               # in place, on the daemon's shared memory
-
-        plain = djinn.session().chat(a.prompt, max_new_tokens=a.max_new_tokens)
+        ask = dict(messages=[{"role": "user", "content": a.prompt}], max_new_tokens=a.max_new_tokens)
         for sign, name in ((1, "toward positive"), (-1, "toward negative")):
-            direction *= sign
-            steered = djinn.session().generate(messages=[{"role": "user", "content": a.prompt}],
-                                               max_new_tokens=a.max_new_tokens, hooks={a.layer: steer},
-                                               hook_steps="all")
-            direction *= sign
-            print(f"[{name}, layer {a.layer}, strength {a.strength}]\n  {steered.text}\n")
-        print(f"[unsteered]\n  {plain.text}")
+            steered = djinn.session().generate(**ask, steer={a.layer: sign * direction}, capture=[a.layer])
+            print(f"[{name}, layer {a.layer}, strength {a.strength}]\n  {steered.text}")
+            print(f"  (captured {tuple(steered.activations[a.layer].shape)} outputs of layer {a.layer})\n")
+        print(f"[unsteered]\n  {djinn.session().generate(**ask).text}")
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ class Connection:
                     self.send({"type": "token", "id": rid, "token": event.token,
                                "text": detok.push(event.token) if detok else None})
             elif isinstance(event, cmd.Done):
-                if chat:
+                if chat and event.finish_reason != "stop_at_layer":    # that request left no history
                     chat_record_reply(self.tokenizer, chat, event.tokens)
                     self.chats[f["session"]] = chat
                 self.send({"type": "done", "id": rid, "tokens": event.tokens, "text": self._text(event.tokens),
