@@ -4,6 +4,7 @@ a tensor replace the states; stop_at_layer ends the forward; bad vectors are ref
 import json
 import subprocess
 import sys
+from array import array
 
 import pytest
 import torch
@@ -181,3 +182,29 @@ def test_the_openai_front_passes_steer_from_the_body_to_the_daemon():
     assert "steer" not in CompletionRequest.model_validate({"model": "djinn", "prompt": "Hi"}).daemon_sampling(8)
     with pytest.raises(ValueError, match="positions"):
         CompletionRequest.model_validate(body | {"steer": [{"layer": 3, "vector": [1.0], "positions": "middle"}]})
+
+
+def test_decode_rows_keep_their_own_vectors_as_others_leave():
+    """The batch's steering table follows its rows: a row moved into a leaver's place brings its
+    vectors, the freed row is zero, and an unsteered session joining there adds nothing."""
+    from djinnd.engine import commands as cmd
+    from djinnd.engine.decode_batch import DecodeBatch
+    from djinnd.engine.interventions import Interventions
+    from djinnd.session import Request, SamplingParams, Session
+    iv = Interventions(HIDDEN, torch.float32, "cpu")
+    batch = DecodeBatch(4, 2, 0, "cpu", iv, LAYERS)
+    sessions = [Session(i, 0, 0, tokens=[5, 6], block_table=[1]) for i in range(1, 5)]
+    for s in sessions:
+        s.request = Request(SamplingParams(), 1, 0)
+    for s in sessions[:3]:
+        spec = cmd.Interventions([cmd.SteerVector(s.id % LAYERS, array("f", [float(s.id)] * HIDDEN))])
+        iv.start(s.id, spec, 0, 2, 4)
+    batch.sync(sessions[:3], {s.id: 0 for s in sessions})
+    batch.remove(1)                                   # row 0 leaves: session 3 moves into it
+    iv.end(1)
+    batch.sync(sessions[1:], {s.id: 0 for s in sessions})     # session 4 (unsteered) joins at row 2
+    assert [s.id for s in batch.sessions] == [3, 2, 4]
+    assert torch.equal(batch.steer[3, 0], torch.full((HIDDEN,), 3.0))
+    assert torch.equal(batch.steer[2, 1], torch.full((HIDDEN,), 2.0))
+    assert batch.steer[:, 2].abs().sum() == 0 and batch.steer[:, 3].abs().sum() == 0
+    assert batch.steer[1].abs().sum() == 0            # session 1's layer: gone with it
