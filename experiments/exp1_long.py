@@ -97,7 +97,7 @@ def print_plan(a, m: dict):
           f"host arena {size(m['host_arena_bytes'])} (host RAM {size(m['host']['ram_total'])})", flush=True)
     for n in a.sizes:
         kv = n * per_agent
-        print(f"  N={n}: up to {size(kv)} of KV at {a.max_context} tokens each = "
+        print(f"  N={n}: at most {size(kv)} of KV (every agent at {a.max_context} tokens) = "
               f"{kv / m['kv_pool_bytes']:.1f}x the pool, {kv / (m['kv_pool_bytes'] + m['host_arena_bytes']):.1f}x "
               f"pool + arena", flush=True)
     print(f"  {a.arrivals} arrivals, {a.duration_s:.0f} s per N, tools lognormal median {a.tool_median} s "

@@ -37,6 +37,10 @@ def row(policy: str, n: int, started: float, results: list[dict], before, after,
            "kv_pool_bytes": after["memory"]["kv_pool_bytes"], "host_arena_bytes": after["memory"]["host_arena_bytes"],
            "tokens": [{f"{t['session']}.{t['turn']}": t["tokens"] for t in r.get("turns", []) if "tokens" in t}
                       for r in results]}
+    mem = after["memory"]
+    per_token = mem["kv_pool_bytes"] / max(1, mem["kv_blocks_total"]) / mem["kv_block_tokens"]
+    at_end = sum(r["turns"][-1]["context"] + r["turns"][-1]["n"] for r in results if r.get("turns"))
+    out["kv_at_end_x_pool"] = at_end * per_token / max(1, mem["kv_pool_bytes"])   # the contexts reached, vs the pool
     out["use"] = usage(out, c, swap_s, timeline, wall)
     return out
 
@@ -124,13 +128,14 @@ def line(r: dict) -> str:
     t, f, q, u = r["ttft_resumed_ms"], r["ttft_first_ms"], r["queue_wait_ms"], r["use"]
     return (f"{r['policy']:<10} {r['agents']:>4} {r['turns']:>5} {r['refused']:>4} {r['turns_per_s']:>6.2f} "
             f"{r['tokens_per_s']:>7.0f} {fmt(t['p50']):>6} {fmt(t['p99']):>6} {fmt(t.get('max')):>6} "
-            f"{fmt(f['p50']):>6} {fmt(q.get('max')):>7} {r['context_max']:>6} {size(r['gib_out'] * GiB):>6} "
+            f"{fmt(f['p50']):>6} {fmt(q.get('max')):>7} {r['context_max']:>6} {r['kv_at_end_x_pool']:>5.1f} "
+            f"{size(r['gib_out'] * GiB):>6} "
             f"{size(r['gib_in'] * GiB):>6} {r['recompute_gpu_s']:>6.1f} {r['kv_drops_device'] + r['kv_drops_host']:>5.0f} "
             f"{u['device blocks']:>5.0%} {u['host arena']:>5.0%} {u['PCIe']:>5.0%} {u['GPU']:>5.0%}")
 
 
 HEADER = (f"{'policy':<10} {'N':>4} {'turns':>5} {'ref':>4} {'turn/s':>6} {'tok/s':>7} {'res50':>6} {'res99':>6} "
-          f"{'resmax':>6} {'1st50':>6} {'q max':>7} {'ctx':>6} {'out':>6} {'in':>6} {'recS':>6} {'drops':>5} "
+          f"{'resmax':>6} {'1st50':>6} {'q max':>7} {'ctx':>6} {'xpool':>5} {'out':>6} {'in':>6} {'recS':>6} {'drops':>5} "
           f"{'pool':>5} {'arena':>5} {'PCIe':>5} {'GPU':>5}")
 
 
@@ -140,8 +145,8 @@ def print_table(result: dict):
           f"{result['date'][:10]}, commit {result['git']}; pool {size(m['kv_pool_bytes'])}, arena "
           f"{size(m['host_arena_bytes'])}; {a['arrivals']} arrivals, {a['duration_s']:.0f} s per N, "
           f"time scale {a['time_scale']}")
-    print("TTFT and queue in ms; out/in: KV copied to/from the host; recS: GPU seconds recomputing dropped KV; "
-          "pool: share of samples with the pool full; arena: its peak; PCIe, GPU: busy share")
+    print("TTFT and queue in ms; ctx: longest context; xpool: the agents' KV at the end over the pool; out/in: KV copied to/from the host; recS: GPU seconds recomputing dropped KV; "
+          "pool: share of samples with the pool 85% full; arena: its peak; PCIe, GPU: busy share")
     print(HEADER)
     for r in result["rows"]:
         print(line(r) + (f"  tokens {r['turns_equal']}/{r['turns_compared']}" if "turns_compared" in r else ""))
