@@ -208,3 +208,13 @@ def test_decode_rows_keep_their_own_vectors_as_others_leave():
     assert torch.equal(batch.steer[2, 1], torch.full((HIDDEN,), 2.0))
     assert batch.steer[:, 2].abs().sum() == 0 and batch.steer[:, 3].abs().sum() == 0
     assert batch.steer[1].abs().sum() == 0            # session 1's layer: gone with it
+
+
+def test_a_breakpoint_at_a_steered_layer_shows_the_steered_output(tiny_daemon):
+    [prompt] = random_prompts(512, [6], seed=49)
+    v = vector(8)
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        plain = [bp.hidden.clone() for bp in djinn.session().trace(prompt_ids=prompt, breakpoints=[1], **GEN)]
+        steered = [bp.hidden.clone() for bp in djinn.session().trace(prompt_ids=prompt, breakpoints=[1],
+                                                                    steer={1: v}, **GEN)]
+    assert torch.equal(steered[0], plain[0] + v)
