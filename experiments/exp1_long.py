@@ -159,7 +159,7 @@ def run_policy(a, m: dict, policy: str, agent_sets: list[list[dict]], saved=lamb
                 timeline = [t for t in after["timeline"] if t["t"] >= started]
                 png = f"{os.path.splitext(a.out)[0]}_{policy}_n{len(agents)}.png"
                 plots.plot_timeline(timeline, png, title=f"long profile, policy {policy}, {len(agents)} agents")
-                steady = started + max(job["arrive_s"] for job in agents)    # every agent has started
+                steady = started + (max(job["arrive_s"] for job in agents) if a.arrivals == "closed" else 0)
                 rows.append(report.row(policy, len(agents), started, results, before, after, timeline, steady)
                             | {"timeline_png": png, "kv_pool_bytes_asked": pool})
                 print(report.line(rows[-1]), flush=True)

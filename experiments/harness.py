@@ -23,8 +23,13 @@ def start_daemon(*flags, log=None) -> tuple[subprocess.Popen, str]:
 
 
 def stop_daemon(proc: subprocess.Popen):
+    """SIGTERM, and SIGKILL if it is not gone in 30 s: the next daemon needs its device memory."""
     proc.terminate()
-    proc.wait(30)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
 
 
 def stamp() -> dict:

@@ -3,6 +3,7 @@ lose (furthest return, shortest context) instead of refusing work that fits the 
 import time
 
 import pytest
+import torch
 
 from djinnd.session import KVPlace, Phase, SessionState
 from test_scheduler import pool_of, scheduler_of, waiting_session
@@ -113,14 +114,18 @@ def test_a_prefetch_drops_a_session_due_back_later_when_the_arena_is_full():
     pager.pool.check_integrity([away.block_table, idle.block_table])
 
 
-@pytest.mark.parametrize("policy", ["semantic", "lru"])
-def test_long_profile_paging_exact_with_kv_dropped_and_recomputed(policy):
+@pytest.mark.parametrize("device, policy", [("cpu", "semantic"), ("cpu", "lru"),
+                                            pytest.param("cuda", "semantic", marks=pytest.mark.gpu)])
+def test_long_profile_paging_exact_with_kv_dropped_and_recomputed(device, policy):
     """check_paging_exact's long profile in miniature (fp32): one request at a time, a pool for two
-    agents and an arena for one, so KV goes to the host and is dropped; tokens equal an unpaged run."""
+    agents and an arena for one, so KV goes to the host and is dropped; tokens equal an unpaged run.
+    On CUDA the copies run on side streams while drops free host blocks."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     from experiments.check_paging_exact import history_tokens, pool_mib, run_agents
     shape = dict(agents=4, turns=4, context=96, growth=(16, 48), new_tokens=8, tool_s=0.02)
-    size = lambda n: pool_mib("random:tiny", "cpu", "float32", history_tokens(4, 96, 48, 8), n)  # noqa: E731
-    reference, _ = run_agents("random:tiny", "cpu", "float32", "none", size(4), 0, **shape)
-    paged, counters = run_agents("random:tiny", "cpu", "float32", policy, size(2), size(1), **shape)
+    size = lambda n: pool_mib("random:tiny", device, "float32", history_tokens(4, 96, 48, 8), n)  # noqa: E731
+    reference, _ = run_agents("random:tiny", device, "float32", "none", size(4), 0, **shape)
+    paged, counters = run_agents("random:tiny", device, "float32", policy, size(2), size(1), **shape)
     assert counters["swaps_out"] > 0 and counters["resumed_dropped"] > 0 and counters["recomputed_tokens"] > 0
     assert paged == reference
