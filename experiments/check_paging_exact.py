@@ -2,7 +2,9 @@
 request and its shapes are the same in both runs) under a pool too small for them, then under a
 pool that holds them all with paging off; tokens must be equal, in fp16 too. Tool calls are short,
 so prefetches, lazy evictions and evictions for a prefetch's room overlap other agents' compute.
-This isolates paging from batch composition, which changes fp16 rounding on its own.
+This isolates paging from batch composition, which changes fp16 rounding on its own. With
+--profile long the arena holds one agent, so KV is dropped and its history prefilled again (in
+other chunks than the first time: exact in fp32, which is what that profile runs).
 
     python experiments/check_paging_exact.py                           # embedded model on CPU
     python experiments/check_paging_exact.py --model random:llama-2-7b --device cuda
