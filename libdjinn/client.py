@@ -82,7 +82,7 @@ class Connection:
         self._pending: dict[int, queue.Queue] = {}
         self._lock = threading.Lock()
         self._closed: Exception | None = None
-        self._harvesting, self._harvest_tokens = threading.Lock(), 2048
+        self._harvesting, self._harvest_tokens = threading.Lock(), None   # tokens one harvest call takes
         self._reader = threading.Thread(target=self._read_loop, name="libdjinn-reader", daemon=True)
         self._reader.start()
         self.info = self.request("hello", version=PROTOCOL_VERSION, pid=os.getpid())
@@ -99,12 +99,14 @@ class Connection:
         no session touched. h[layer]: [total tokens, hidden]; h.prompt(i, layer): prompt i's rows.
         One daemon forward takes up to its max_num_batched_tokens (or max_batch_tokens) at a time."""
         with self._harvesting:       # the daemon replaces a connection's harvest segment at its next call
+            if self._harvest_tokens is None:
+                self._harvest_tokens = self.request("model_config")["max_harvest_tokens"]
             parts, rest = [], [list(p) for p in prompts]
             while rest:
                 batch = harvest_batches(rest, min(self._harvest_tokens, max_batch_tokens or 1 << 62))[0]
                 reply = self.request("harvest", prompts=batch, layers=list(layers))
                 parts.append((MappedTensor(reply["tensor"]), reply["lengths"]))   # mapped before the next call
-                self._harvest_tokens, rest = reply["max_tokens"], rest[len(batch):]
+                rest = rest[len(batch):]
             return Harvest(list(layers), parts)
 
     def attach_weights(self, writable: bool = False):

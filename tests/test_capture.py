@@ -9,9 +9,18 @@ import pytest
 import torch
 
 import libdjinn
-from conftest import random_prompts
+from conftest import random_prompts, start_daemon, stop_daemon
 
 GEN = dict(max_new_tokens=7, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_daemon(tmp_path_factory):
+    """random:tiny with a 64-token step budget: longer prompts are prefilled in chunks."""
+    d = start_daemon(tmp_path_factory.mktemp("capture"), "--model", "random:tiny", "--kv-cache-mb", "4",
+                     "--max-num-batched-tokens", "64")
+    yield d
+    stop_daemon(d)
 
 
 def breakpoint_rows(session, prompt, layers, adds=None) -> dict:
@@ -35,6 +44,15 @@ def test_captures_equal_the_hidden_states_breakpoints_show(tiny_daemon):
         assert g.activations[layer].shape == (13 + 6, 64)
         torch.testing.assert_close(g.activations[layer], expected[layer], rtol=1e-5, atol=1e-5)
     assert g.activations.numpy(3).shape == (19, 64)
+
+
+def test_a_prompt_prefilled_in_chunks_is_captured_whole(tiny_daemon):
+    [prompt] = random_prompts(512, [150], seed=57)             # chunks of 64, 64, 22
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        g = djinn.session().generate(prompt_ids=prompt, capture=[2], **GEN)
+        h = djinn.harvest([prompt], layers=[2])                   # one forward, no chunks
+    assert g.activations[2].shape == (150 + 6, 64)
+    torch.testing.assert_close(g.activations[2][:150], h[2], rtol=1e-5, atol=1e-5)
 
 
 def test_capture_sees_the_steered_output_of_its_layer(tiny_daemon):
@@ -118,9 +136,9 @@ def test_harvest_gives_each_prompts_rows_in_one_batched_forward(tiny_daemon):
 
 def test_harvest_splits_prompts_over_the_daemons_limit(tiny_daemon):
     """More tokens than one forward takes: several calls, one result, every row in place."""
-    prompts = random_prompts(512, [700] * 5, seed=56)        # 3,500 tokens; the daemon takes 2,048 a call
+    prompts = random_prompts(512, [30] * 5, seed=56)          # 150 tokens; the daemon takes 64 a call
     with libdjinn.connect(tiny_daemon.socket) as djinn:
         h = djinn.harvest(prompts, layers=[0])
         single = djinn.harvest([prompts[4]], layers=[0])
-    assert len(h._parts) > 1 and h[0].shape == (3500, 64)
+    assert len(h._parts) == 3 and h[0].shape == (150, 64)
     torch.testing.assert_close(h.prompt(4, 0), single[0], rtol=1e-5, atol=1e-5)
