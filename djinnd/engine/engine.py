@@ -19,7 +19,6 @@ from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
 from djinnd.engine.weights_export import WeightExports
 from djinnd.memory.prefix_cache import root_key
-from djinnd.memory.activations import SegmentQuota
 from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
 from djinnd.session import KVPlace, Phase, Request, Session, SessionState
@@ -47,14 +46,11 @@ class Engine:
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens, config.engine.admission,
                                    config.engine.admission_max_wait_ms / 1e3, config.server.capacity_wait_s)
-        mb = 2**20
-        self.quota = SegmentQuota(int(config.server.max_segment_mb_per_client * mb),
-                                  int(config.server.max_segment_mb_per_uid * mb))
-        self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics, self.quota)
+        self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.exports = WeightExports(loaded)
         self.ghost = GhostForwards(self.runner, pool, self.max_model_len,
-                                   max(e.max_num_batched_tokens, self.max_model_len), self.quota)
+                                   max(e.max_num_batched_tokens, self.max_model_len))
         self.harvester = Harvester(self.runner, pool, self.max_model_len, e.max_num_batched_tokens)
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
@@ -223,7 +219,6 @@ class Engine:
             self._drop(s, "client disconnected")
         if gone:
             self.metrics.inc("sessions_released_on_disconnect", len(gone))
-        self.quota.uid_of.pop(c.owner, None)
 
     def _set_phase(self, c: cmd.SetPhase):
         s = self._owned(c.owner, c.session)
@@ -300,13 +295,13 @@ class Engine:
             self.pager.prefix.register(s, may_move=False)
         for s in self.breaks.resumed(self.scheduler.running):
             self.runner.batch.remove(s.id)    # it runs eagerly: its decode row would go stale
-            self._on_its_own(s, self.breaks.proceed)
+            self._after_forward(s, self.breaks.proceed(s))
         plan = self.scheduler.schedule()
         self._refuse(self.scheduler.refused)
         stepped = [s for s in plan.decode + [s for s, _ in plan.prefill] if self.breaks.is_stepped(s)]
         for s in stepped:                     # each on its own, so a pause never holds the batch
             self.runner.batch.remove(s.id)
-            self._on_its_own(s, self.breaks.start)
+            self._after_forward(s, self.breaks.start(s))
         decode = [s for s in plan.decode if s not in stepped]
         prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
         if not (decode or prefill or stepped):
@@ -317,13 +312,6 @@ class Engine:
         if decode or self.runner.in_flight:
             pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
             self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
-
-    def _on_its_own(self, s: Session, run):
-        """A forward of s alone (breakpoints); a refusal (a segment quota) ends its request, not the step."""
-        try:
-            self._after_forward(s, run(s))
-        except EngineError as e:
-            self._abort(s, cmd.Failed(e.code, e.message))
 
     def _forward(self, kind: str, sessions: list[Session], run, num_tokens: int):
         """Run one forward; a failure ends these sessions' requests with an error, and only theirs."""
