@@ -258,13 +258,16 @@ class Pager:
         """Evict victims for s, keeping up to n of their device blocks; the rest are freed as usual."""
         taken, after = [], []
         for v in victims:
-            held = self._frees(v)
+            held, copies = self._frees(v), len(v.transfers)
             if self.evict(v, "prefetch_room", keep=s) and v.kv is KVPlace.DROPPED:   # its blocks are free now
                 taken += self.pool.allocate(min(held, n - len(taken)))
-            elif v.kv is KVPlace.HOST:
+            elif v.kv is KVPlace.HOST and len(v.transfers) > copies:
                 t = v.transfers[-1]
-                keep = min(n - len(taken), sum(b not in self.pool.known for b in t.free_device))  # private ones
-                taken, t.free_device = taken + t.free_device[:keep], t.free_device[keep:]
+                mine = [b for b in t.free_device if self.pool.refs[b] == 1][:n - len(taken)]   # the copy's alone
+                for b in mine:
+                    self.prefix.detach(b)       # a shared block nobody holds: its host copy is on the way
+                taken, gone = taken + mine, set(mine)
+                t.free_device = [b for b in t.free_device if b not in gone]
                 after.append(t)
         return taken, after
 

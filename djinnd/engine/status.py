@@ -53,7 +53,8 @@ def _session_row(s, refs) -> dict:
         where = "none"
     return {"id": s.id, "owner_pid": s.owner_pid, "state": s.state.value, "phase": s.phase.value,
             "tokens": len(s.tokens), "kv_tokens": s.num_cached, "kv_blocks": len(s.block_table),
-            "host_blocks": sum(n for _, n in s.host_runs), "kv_where": where,
+            "host_blocks": sum(n for _, n in s.host_runs) + (len(s.block_keys) if s.kv.value == "host" else 0),
+            "kv_where": where,
             "shared_blocks": sum(1 for b in s.block_table if refs[b] > 1)}
 
 

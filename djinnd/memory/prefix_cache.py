@@ -98,6 +98,12 @@ class PrefixCache:
         self.by_device[block] = b
         self.pool.known.add(block)
 
+    def detach(self, block: int):
+        """A block leaves the cache at once rather than when reclaimed (a prefetch takes it)."""
+        if block in self.by_device:
+            self.pool.known.discard(block)
+            self._reclaimed(block)
+
     def _reclaimed(self, block: int):
         b = self.by_device.pop(block)
         b.device = None
