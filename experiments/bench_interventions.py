@@ -129,7 +129,8 @@ def harvest_rate(sock, a, layer: int, vocab: int) -> dict:
             h = djinn.harvest(prompts[i:i + a.harvest_batch], layers=[layer])
             checksum += float(h[layer][-1, 0])           # read: the rows are there
         wall = time.perf_counter() - started
-    return {"tokens": len(prompts) * a.harvest_prompt_tokens, "tok_per_s": len(prompts) * a.harvest_prompt_tokens / wall}
+    tokens = len(prompts) * a.harvest_prompt_tokens
+    return {"tokens": tokens, "tok_per_s": tokens / wall}
 
 
 # ---- in-process baselines (after the daemon stops) --------------------------------------------
@@ -146,7 +147,8 @@ def truncated_prefill_rate(model, a, layer: int, dtype, device, prompts) -> floa
     args, batch = model.args, prompts[:a.harvest_batch]
     tokens = sum(map(len, batch))
     per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.empty((), dtype=dtype).element_size()
-    pool = KVBlockPool(args.num_layers, args.num_kv_heads, args.head_dim, 16, (tokens + 64 * 16) * per_token, dtype, device)
+    budget = (tokens + 64 * 16) * per_token
+    pool = KVBlockPool(args.num_layers, args.num_kv_heads, args.head_dim, 16, budget, dtype, device)
     runner = Runner(model, pool, device, 1, max(map(len, batch)), cuda_graphs=False)
     sessions = [Session(0, 0, 0, tokens=list(p), block_table=pool.allocate(pool.blocks_for(len(p)))) for p in batch]
     chunks = [(s, len(s.tokens)) for s in sessions]
