@@ -79,6 +79,7 @@ class EngineConfig:
     cuda_graphs: bool = True      # capture the decode step in CUDA graphs (false: eager, for debugging)
     admission: str = "fifo"       # waiting requests by arrival (fifo), session age (program) or prompt left (shortest)
     admission_max_wait_ms: float = 5000.0  # program, shortest: past this wait a request goes in arrival order
+    tensor_parallel: int = 1      # ranks, one process and one GPU each, sharing each layer's heads and MLP columns
 
     def __post_init__(self):
         ok = self.device in ("auto", "cpu") or self.device.split(":")[0] == "cuda"
@@ -88,6 +89,7 @@ class EngineConfig:
         _require(self.attention in ATTENTION, "attention", f"must be one of {ATTENTION}, got {self.attention!r}")
         _require(self.admission in ADMISSION, "admission", f"must be one of {ADMISSION}, got {self.admission!r}")
         _require(self.admission_max_wait_ms >= 0, "admission_max_wait_ms", "must be >= 0")
+        _require(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1")
 
 
 @dataclass(frozen=True)

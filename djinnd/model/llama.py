@@ -155,13 +155,28 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def _world(tp) -> int:
+    return 1 if tp is None else tp.world
+
+
+def row_parallel(linear: nn.Linear, x, tp):
+    """o_proj, down_proj: under tensor parallelism each rank holds some input columns, so its product
+    is a partial sum, summed across ranks (then the bias, once). tp None: the plain layer."""
+    if tp is None:
+        return linear(x)
+    y = tp.all_reduce(F.linear(x, linear.weight))
+    return y if linear.bias is None else y + linear.bias
+
+
 class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp=None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads, a.num_kv_heads, a.head_dim
-        self.sizes = [a.q_size, a.kv_size, a.kv_size]
+        world = _world(tp)           # each rank: its share of the heads (model/tp.py)
+        self.num_heads, self.num_kv_heads, self.head_dim = a.num_heads // world, a.num_kv_heads // world, a.head_dim
+        self.sizes = [a.q_size // world, a.kv_size // world, a.kv_size // world]
         self.qkv_proj = nn.Linear(a.hidden_size, sum(self.sizes), bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.q_size, a.hidden_size, bias=a.o_bias)
+        self.o_proj = nn.Linear(a.q_size // world, a.hidden_size, bias=a.o_bias)
+        self.tp = tp
         self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
 
@@ -175,7 +190,7 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         out = ctx.attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), k_cache, v_cache)
-        return self.o_proj(out.reshape(x.shape[0], -1))
+        return row_parallel(self.o_proj, out.reshape(x.shape[0], -1), self.tp)
 
     @staticmethod
     def _head_norm(norm, x, fused):
@@ -186,25 +201,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp=None):
         super().__init__()
-        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        columns = a.intermediate_size // _world(tp)
+        self.gate_up_proj = nn.Linear(a.hidden_size, 2 * columns, bias=False)
+        self.down_proj = nn.Linear(columns, a.hidden_size, bias=False)
+        self.tp = tp
 
     def forward(self, x, fused=None):
         if fused is not None:
-            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+            return row_parallel(self.down_proj, fused.silu_mul(self.gate_up_proj(x)), self.tp)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp=None):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = Attention(a)
+        self.self_attn = Attention(a, tp)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = MLP(a)
+        self.mlp = MLP(a, tp)
 
     def forward(self, x, ctx, k_cache, v_cache):
         f = ctx.fused
@@ -217,19 +234,25 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp=None):
         super().__init__()
-        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
+        self.embed_tokens = nn.Embedding(_vocab_rows(a, tp), a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a, tp) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
 
+def _vocab_rows(a: ModelArgs, tp) -> int:
+    """Embedding and lm_head rows: the vocabulary, or under tensor parallelism a rank's share of it."""
+    return a.vocab_size if tp is None else -(-a.vocab_size // tp.world)
+
+
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, tp=None):
+        """tp: this rank's place in a tensor-parallel group (model/tp.py), or None for the whole model."""
         super().__init__()
-        self.args = a
-        self.model = LlamaModel(a)
-        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.args, self.tp = a, tp
+        self.model = LlamaModel(a, tp)
+        self.lm_head = nn.Linear(a.hidden_size, _vocab_rows(a, tp), bias=False)
         self.streamer = None        # set for weight streaming: makes layer i's weights resident
         self._rope = None
 
@@ -238,7 +261,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids):
-        return self.model.embed_tokens(input_ids)
+        if self.tp is None:
+            return self.model.embed_tokens(input_ids)
+        rows = self.model.embed_tokens.num_embeddings    # vocab-parallel: ids outside the shard give 0
+        local = input_ids - self.tp.rank * rows
+        inside = (local >= 0) & (local < rows)
+        h = self.model.embed_tokens(local.clamp(0, rows - 1)).masked_fill(~inside[..., None], 0)
+        return self.tp.all_reduce(h)
 
     def rope(self, positions, dtype):
         """cos/sin [T, 1, head_dim] for each token's position, from tables built once."""
@@ -264,7 +293,10 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, h):
         """Logits [N, vocab] in float32 of hidden states h [N, hidden] (after the last layer)."""
-        return self.lm_head(self.model.norm(h)).float()
+        logits = self.lm_head(self.model.norm(h)).float()
+        if self.tp is None:
+            return logits
+        return self.tp.all_gather_columns(logits)[:, :self.args.vocab_size]
 
 
 # ---- HF names <-> fused parameters ---------------------------------------------------------

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from djinnd.model.llama import LlamaForCausalLM, ModelArgs, UnsupportedModel, hf_to_fused
 from djinnd.model.presets import PRESETS, build_random
+from djinnd.model.tp import read_shard
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,13 +94,13 @@ def shard_files(path: str) -> list[str]:
     return [os.path.join(path, n) for n in names]
 
 
-def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
+def load_hf_dir(path: str, dtype, device, tp=None) -> LlamaForCausalLM:
     """Allocate the model on `device` once, then copy each checkpoint tensor into its place (q/k/v and
     gate/up into their rows of the fused parameters), one tensor at a time: host memory holds one
-    mapped shard, never the whole model twice."""
+    mapped shard, never the whole model twice. A tensor-parallel rank (tp) reads only its slices."""
     args = ModelArgs.from_hf(read_config(path))
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = LlamaForCausalLM(args, tp)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     params = dict(model.named_parameters())           # a tied lm_head is the embedding, listed once
@@ -109,7 +110,7 @@ def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as shard:
                 for key in shard.keys():
-                    _copy_tensor(key, shard, params, rows_loaded, args, path)
+                    _copy_tensor(key, shard, params, rows_loaded, args, path, tp)
             bar.update(os.path.getsize(file))
     missing = [n for n, rows in rows_loaded.items() if rows < params[n].shape[0]]
     if missing:
@@ -117,20 +118,23 @@ def load_hf_dir(path: str, dtype, device) -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)   # never trained: no autograd history on weight copies
 
 
-def _copy_tensor(key: str, shard, params: dict, rows_loaded: dict, args: ModelArgs, path: str):
+def _copy_tensor(key: str, shard, params: dict, rows_loaded: dict, args: ModelArgs, path: str, tp=None):
     """One checkpoint tensor into its parameter (or its rows of a fused one), cast to the model dtype."""
     if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and args.tie_word_embeddings):
         return
     name, start, rows = hf_to_fused(key, args) or (key, 0, None)
     if name not in params:
         raise UnsupportedModel(f"{path}: unexpected tensor {key!r} for model_type {args.model_type!r}")
-    target = params[name] if rows is None else params[name][start:start + rows]
-    tensor = shard.get_tensor(key)
+    if tp is not None:
+        tensor, target, counted = read_shard(key, name, start, rows, shard, params[name], args, tp)
+    else:
+        target = params[name] if rows is None else params[name][start:start + rows]
+        tensor, counted = shard.get_tensor(key), target.shape[0]
     if tensor.shape != target.shape:
         raise ValueError(f"{path}: tensor {key} has shape {list(tensor.shape)}; config.json implies "
                          f"{list(target.shape)}")
     target.copy_(tensor)
-    rows_loaded[name] += target.shape[0]
+    rows_loaded[name] += counted
 
 
 def progress_bar(total_bytes: int, path: str):
@@ -147,10 +151,11 @@ def model_args(name: str) -> ModelArgs:
     return ModelArgs.from_hf(read_config(embedded_model_dir() if name == EMBEDDED else name))
 
 
-def load_model(name: str, seed: int, dtype, device) -> LoadedModel:
+def load_model(name: str, seed: int, dtype, device, tp=None) -> LoadedModel:
+    """tp: a tensor-parallel rank (model/tp.py) loads only its shard of every weight."""
     if name.startswith("random:"):
         preset = name.split(":", 1)[1]
-        return LoadedModel(build_random(preset, seed, dtype, device), None,
+        return LoadedModel(build_random(preset, seed, dtype, device, tp), None,
                            f"{name} (RANDOM WEIGHTS, seed {seed})", True)
     path = embedded_model_dir() if name == EMBEDDED else name
     if not os.path.isdir(path):
@@ -158,7 +163,7 @@ def load_model(name: str, seed: int, dtype, device) -> LoadedModel:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path) if _has_tokenizer(path) else None
     label = "SmolLM2-135M-Instruct (embedded, GGUF Q4_1 dequantized)" if name == EMBEDDED else path
-    return LoadedModel(load_hf_dir(path, dtype, device), tokenizer, label, False,
+    return LoadedModel(load_hf_dir(path, dtype, device, tp), tokenizer, label, False,
                        os.path.abspath(path) if tokenizer is not None else None)
 
 

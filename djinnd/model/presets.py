@@ -3,6 +3,7 @@ honest for memory, bandwidth and latency, meaningless as text."""
 import torch
 
 from djinnd.model.llama import LlamaForCausalLM, ModelArgs
+from djinnd.model.tp import shard_tensor
 
 LLAMA3_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
                ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
@@ -43,22 +44,27 @@ PRESETS = {
 }
 
 
-def build_random(name: str, seed: int, dtype, device) -> LlamaForCausalLM:
-    """Build on the meta device, then fill on the target device from one seeded generator."""
+def build_random(name: str, seed: int, dtype, device, tp=None) -> LlamaForCausalLM:
+    """Build on the meta device, then fill on the target device from one seeded generator. A
+    tensor-parallel rank (tp) draws each full tensor in the same order and keeps its shard."""
     if name not in PRESETS:
         raise ValueError(f"unknown random preset {name!r}; known: {sorted(PRESETS)}")
     with torch.device("meta"):
-        model = LlamaForCausalLM(PRESETS[name])
+        model = LlamaForCausalLM(PRESETS[name], tp)
+        full = {n: p.shape for n, p in LlamaForCausalLM(PRESETS[name]).named_parameters()}
     model = model.to(dtype).to_empty(device=device)     # allocate in dtype: 34B in float32 would not fit
     gen = torch.Generator(device=device).manual_seed(seed)
+    shard = (lambda pname, t: t) if tp is None else (lambda pname, t: shard_tensor(pname, t, PRESETS[name], tp))
     with torch.no_grad():
         for pname, p in model.named_parameters():
+            shape = full[pname]
             if pname.endswith("norm.weight"):
                 p.fill_(1.0)
             elif pname.endswith(".bias"):
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.1).to(dtype))
+                p.copy_(shard(pname, torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+                              .mul_(0.1).to(dtype)))
             else:  # std 1/sqrt(fan_in) keeps activations O(1), so greedy argmax is not a coin toss
-                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32)
-                        .mul_(p.shape[-1] ** -0.5).to(dtype))
+                p.copy_(shard(pname, torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+                              .mul_(shape[-1] ** -0.5).to(dtype)))
     model.tie_weights()
     return model.eval().requires_grad_(False)   # never trained: no autograd history on weight copies
