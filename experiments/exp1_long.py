@@ -153,20 +153,28 @@ def run_policy(a, m: dict, policy: str, agent_sets: list[list[dict]], saved=lamb
                 if time.time() + a.duration_s + GRACE_S > deadline:
                     rows.append(report.not_run(policy, len(agents), f"--budget-s {a.budget_s:.0f} spent"))
                     continue
-                before, started = observe(djinn), time.time()
-                results = spawn(sock, agents, started, started + a.duration_s)
-                after = observe(djinn)
-                timeline = [t for t in after["timeline"] if t["t"] >= started]
-                png = f"{os.path.splitext(a.out)[0]}_{policy}_n{len(agents)}.png"
-                plots.plot_timeline(timeline, png, title=f"long profile, policy {policy}, {len(agents)} agents")
-                steady = started + (max(job["arrive_s"] for job in agents) if a.arrivals == "closed" else 0)
-                rows.append(report.row(policy, len(agents), started, results, before, after, timeline, steady)
-                            | {"timeline_png": png, "kv_pool_bytes_asked": pool})
+                try:
+                    rows.append(run_n(a, djinn, sock, policy, agents) | {"kv_pool_bytes_asked": pool})
+                except (OSError, libdjinn.DjinnError) as e:     # the daemon died: say so, keep the rest
+                    rows.append(report.not_run(policy, len(agents), f"{type(e).__name__}: {e}"))
+                    break
+                finally:
+                    saved(rows)         # a command cut short keeps what it measured
                 print(report.line(rows[-1]), flush=True)
-                saved(rows)             # a command cut short keeps what it measured
     finally:
         stop_daemon(daemon)
     return rows
+
+
+def run_n(a, djinn, sock: str, policy: str, agents: list[dict]) -> dict:
+    before, started = observe(djinn), time.time()
+    results = spawn(sock, agents, started, started + a.duration_s)
+    after = observe(djinn)
+    timeline = [t for t in after["timeline"] if t["t"] >= started]
+    png = f"{os.path.splitext(a.out)[0]}_{policy}_n{len(agents)}.png"
+    plots.plot_timeline(timeline, png, title=f"long profile, policy {policy}, {len(agents)} agents")
+    steady = started + (max(job["arrive_s"] for job in agents) if a.arrivals == "closed" else 0)
+    return report.row(policy, len(agents), started, results, before, after, timeline, steady) | {"timeline_png": png}
 
 
 def observe(djinn) -> dict:
