@@ -36,8 +36,9 @@ PROFILE = {"model": "random:llama-3.1-8b", "dtype": "bfloat16", "context": 8192,
 
 def add_args(p):
     g = p.add_argument_group("long profile (--profile long)")
-    g.add_argument("--profile", choices=("short", "long"), default="short")
-    g.add_argument("--arrivals", choices=("closed", "poisson"), default="closed")
+    g.add_argument("--profile", choices=("short", "long"), default="short", help=f"long: {PROFILE}")
+    g.add_argument("--arrivals", choices=("closed", "poisson"), default="closed",
+                   help="poisson: N agents at --rate (so N / rate x time scale should fit --duration)")
     g.add_argument("--duration", type=float, default=0, help="seconds per N (0: the sweep fits --budget-s)")
     g.add_argument("--budget-s", type=float, default=540, help="one policy's whole sweep, start-up included")
     g.add_argument("--stagger-s", type=float, default=0.5,
