@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -268,3 +269,52 @@ def test_replies_in_each_family_format_parse_into_tool_calls():
     forced = '{"name": "get_weather", "parameters": '
     assert tool_calls.call_end(forced, '{"city": "Paris"}} and more') == len('{"city": "Paris"}}')
     assert tool_calls.call_end(forced, '{"city": "Par') is None
+
+
+# ---- issue 22 (reliability, round 3), finding 6: the front against bad input and overload ---------
+CHAT = {"model": "djinn", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def test_bad_fields_get_json_errors_that_name_them(front):
+    """Round 3, finding 6: an integer out of range, a malformed tool_choice and too many or too long
+    stop strings get OpenAI's JSON 400 naming the field (seed and tool_choice were 500, plain text)."""
+    cases = [({"seed": 2**80}, "seed"), ({"tool_choice": {"type": "function"}, "tools": TOOLS}, "tool_choice"),
+             ({"tool_choice": {"type": "function", "function": {"name": "nope"}}, "tools": TOOLS}, "tool_choice"),
+             ({"stop": ["x"] * 3000}, "stop"), ({"stop": ["x" * 3000]}, "stop")]
+    for extra, field in cases:
+        r = httpx.post(front.url + "/v1/chat/completions", json=CHAT | extra, timeout=60)
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (extra, r.status_code, r.text[:200])
+    assert front.client.chat.completions.create(**CHAT).choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_huge_body_is_refused_before_it_is_parsed_or_tokenized(front):
+    """Round 3, finding 6: past --max-body-bytes the answer is 413 at once; text that cannot fit the
+    context is refused before tokenizing (28.6 MB was tokenized for 32 s before its 400)."""
+    started = time.monotonic()
+    r = httpx.post(front.url + "/v1/chat/completions", timeout=60, headers={"content-type": "application/json"},
+                   content=json.dumps(CHAT | {"messages": [{"role": "user", "content": "a " * (15 << 20)}]}))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    big = CHAT | {"messages": [{"role": "user", "content": "hello " * (1 << 20)}]}    # 6 MiB, under the limit
+    r = httpx.post(front.url + "/v1/chat/completions", json=big, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert time.monotonic() - started < 4
+
+
+def test_health_and_metrics_answer_while_every_request_thread_is_busy(front):
+    """Round 3, finding 6: 42 long requests hold all of the front's request threads; /health and
+    /metrics still answer at once (they waited for a free thread: 3.1 s)."""
+    slow = CHAT | {"max_tokens": 16, "ignore_eos": True}
+    busy = [threading.Thread(target=httpx.post, args=(front.url + "/v1/chat/completions",),
+                             kwargs={"json": slow, "timeout": 300}) for _ in range(42)]
+    for t in busy:
+        t.start()
+    time.sleep(3)                      # the front has taken them all in
+    started = time.monotonic()
+    health = httpx.get(front.url + "/health", timeout=60)
+    metrics = httpx.get(front.url + "/metrics", timeout=60)
+    answered_s = time.monotonic() - started
+    still_busy = sum(t.is_alive() for t in busy)
+    for t in busy:
+        t.join(300)
+    assert health.status_code == 200 and metrics.status_code == 200 and "djinn_daemon_up 1.0" in metrics.text
+    assert still_busy > 40 and answered_s < 1.5, (still_busy, answered_s)

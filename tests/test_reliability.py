@@ -451,7 +451,8 @@ def small(tmp_path_factory):
     """15 KV blocks, so freed blocks are soon another session's."""
     d = start_daemon(tmp_path_factory.mktemp("small"), "--model", "random:tiny", "--kv-cache-mb", "0.25",
                      "--host-arena-mb", "1", "--max-connections", "8", "--max-connections-per-uid", "6",
-                     "--max-connections-per-pid", "3")
+                     "--max-connections-per-pid", "3", "--max-segment-mb-per-client", "0.25",
+                     "--max-segment-mb-per-uid", "0.5")
     yield d
     stop_daemon(d)
 
@@ -560,6 +561,56 @@ def test_one_process_cannot_take_every_connection(small, hf_tiny):
         hog.stdin.close()
         hog.wait(30)
     assert small.log().count("max_connections_per_uid") <= 2
+
+
+# ---- round 3, finding 5: quotas on what a client makes the daemon allocate ------------------------
+def test_segments_have_quotas_per_connection_and_per_uid(small, hf_tiny):
+    """Round 3, finding 5: logits and activation segments count against their connection and its uid;
+    past either cap the request gets LIMIT (was: 60 connections grew /dev/shm by 240 MiB), and what a
+    connection held is given back when it closes."""
+    def forward(conn, n):                 # 2 KiB of logits per token (vocab 512, float32), kept until the next
+        return conn.request("forward", input_ids=[list(range(3, 3 + n))])
+    a, b, c = (libdjinn.connect(small.socket, timeout=30) for _ in range(3))
+    with pytest.raises(libdjinn.LimitReached, match="max_segment_mb_per_client"):
+        forward(a, 200)                   # 400 KiB > 256 KiB
+    forward(a, 120)
+    [p] = prompts(80, seed=24)            # 20 KiB of activations at the pause: 260 KiB in all
+    with pytest.raises(libdjinn.LimitReached, match="max_segment_mb_per_client"):
+        next(iter(a.session().trace(prompt_ids=p, breakpoints=[1], max_new_tokens=2)))
+    forward(b, 120)                       # the uid holds 480 KiB of 512
+    with pytest.raises(libdjinn.LimitReached, match="max_segment_mb_per_uid"):
+        forward(c, 40)
+    a.close()
+    time.sleep(0.3)
+    forward(c, 40)
+    assert c.session().generate(prompt_ids=p, max_new_tokens=3, ignore_eos=True).tokens == hf_greedy(hf_tiny, p, 3)
+    b.close()
+    c.close()
+
+
+# ---- round 3, finding 6: the front's stop matcher ------------------------------------------------
+def test_stop_matcher_finds_stops_and_holds_back_their_starts_like_a_plain_search():
+    """Round 3, finding 6: the Aho-Corasick stop matcher (one step per character, whatever the stop
+    strings) cuts where a plain search of every stop finds the first one, and holds back exactly the
+    text's longest end that begins a stop string."""
+    import random
+
+    from libdjinn.openai.stops import StopMatcher
+    r = random.Random(0)
+    for _ in range(2000):
+        stops = ["".join(r.choice("ab") for _ in range(r.randint(1, 4))) for _ in range(r.randint(1, 5))]
+        text = "".join(r.choice("abc") for _ in range(r.randint(0, 14)))
+        m = StopMatcher(stops)
+        for end in range(len(text) + 1):
+            seen, cut = text[:end], m.feed(text[:end])
+            hits = [seen.find(s) for s in stops if seen.find(s) >= 0]
+            if cut is not None:
+                assert hits and cut == min(hits), (stops, seen, cut)
+                break
+            assert not hits
+            held = max([k for s in stops for k in range(1, len(s)) if seen.endswith(s[:k])], default=0)
+            assert m.held == held, (stops, seen)
+    assert StopMatcher(["bc"]).feed("abx") is None and StopMatcher(["bc"]).feed("xabc") == 2
 
 
 # ---- findings 4 (policy none), 6: shared memory -------------------------------------------------

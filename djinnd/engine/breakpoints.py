@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from djinnd.engine.commands import EngineError
-from djinnd.memory.activations import DTYPE_NAMES, ActivationSegment, SegmentError
+from djinnd.memory.activations import DTYPE_NAMES, ActivationSegment, QuotaExceeded, SegmentError
 from djinnd.session import KVPlace, Session, SessionState
 from libdjinn.protocol import ErrorCode
 
@@ -28,8 +28,9 @@ class PausedForward:
 
 
 class BreakpointRunner:
-    def __init__(self, runner, pager, metrics):
+    def __init__(self, runner, pager, metrics, quota=None):
         self.runner, self.pager, self.metrics = runner, pager, metrics
+        self.quota = quota                      # activation segments count against their client's
         self.num_layers = runner.model.args.num_layers
 
     def layers_now(self, s: Session) -> list[int]:
@@ -50,12 +51,17 @@ class BreakpointRunner:
     def _advance(self, s: Session, start: int, hidden, pending: list[int], step: int) -> int | None:
         stop_at = self._stop_at(s)
         stop = pending[0] + 1 if pending else None if stop_at is None else stop_at + 1
+        if pending and self.quota:              # refused before the forward, not after it
+            try:
+                self.quota.require(s.owner, s.num_new_tokens * self.runner.model.args.hidden_size * 4)
+            except QuotaExceeded as e:
+                raise EngineError(ErrorCode.LIMIT, f"breakpoint at layer {pending[0]}: {e}") from None
         self.pager.before_forward([s])
         h, meta = self.runner.forward([(s, s.num_new_tokens)], start, stop, hidden)
         if not pending:
             return STOPPED if stop_at is not None else self.runner.sample_next([s], h, meta)[0]
         copied = time.perf_counter()
-        segment = ActivationSegment(h.shape, h.dtype)
+        segment = ActivationSegment(h.shape, h.dtype, self.quota, s.owner)
         segment.write(h)                        # device -> shared memory: the handoff
         self.metrics.observe_ms("breakpoint_handoff_out", (time.perf_counter() - copied) * 1e3)
         s.paused = PausedForward(pending[0], pending[1:], segment, step)

@@ -135,6 +135,7 @@ class GhostForward:
     owner: int
     input_ids: list[list[int]]
     reply: Reply
+    owner_uid: int | None = None   # SO_PEERCRED: its logits count against this uid's segment quota
 
 
 @dataclass

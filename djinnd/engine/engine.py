@@ -19,6 +19,7 @@ from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
 from djinnd.engine.weights_export import WeightExports
 from djinnd.memory.prefix_cache import root_key
+from djinnd.memory.activations import SegmentQuota
 from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
 from djinnd.session import KVPlace, Phase, Request, Session, SessionState
@@ -46,11 +47,14 @@ class Engine:
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens, config.engine.admission,
                                    config.engine.admission_max_wait_ms / 1e3, config.server.capacity_wait_s)
-        self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics)
+        mb = 2**20
+        self.quota = SegmentQuota(int(config.server.max_segment_mb_per_client * mb),
+                                  int(config.server.max_segment_mb_per_uid * mb))
+        self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics, self.quota)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.exports = WeightExports(loaded)
         self.ghost = GhostForwards(self.runner, pool, self.max_model_len,
-                                   max(e.max_num_batched_tokens, self.max_model_len))
+                                   max(e.max_num_batched_tokens, self.max_model_len), self.quota)
         self.harvester = Harvester(self.runner, pool, self.max_model_len, e.max_num_batched_tokens)
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
@@ -192,6 +196,7 @@ class Engine:
 
     def _open(self, c: cmd.OpenSession):
         s = Session(next(self._ids), c.owner, c.owner_pid)
+        self.quota.uid_of[c.owner] = _or(c.owner_uid, os.getuid())
         s.prefix_root = root_key(self.pager.prefix.scope, _or(c.owner_uid, os.getuid()), _or(c.owner_gid, os.getgid()))
         self.sessions[s.id] = s
         self.metrics.inc("sessions_opened")
@@ -219,6 +224,7 @@ class Engine:
             self._drop(s, "client disconnected")
         if gone:
             self.metrics.inc("sessions_released_on_disconnect", len(gone))
+        self.quota.uid_of.pop(c.owner, None)
 
     def _set_phase(self, c: cmd.SetPhase):
         s = self._owned(c.owner, c.session)
@@ -295,13 +301,13 @@ class Engine:
             self.pager.prefix.register(s, may_move=False)
         for s in self.breaks.resumed(self.scheduler.running):
             self.runner.batch.remove(s.id)    # it runs eagerly: its decode row would go stale
-            self._after_forward(s, self.breaks.proceed(s))
+            self._on_its_own(s, self.breaks.proceed)
         plan = self.scheduler.schedule()
         self._refuse(self.scheduler.refused)
         stepped = [s for s in plan.decode + [s for s, _ in plan.prefill] if self.breaks.is_stepped(s)]
         for s in stepped:                     # each on its own, so a pause never holds the batch
             self.runner.batch.remove(s.id)
-            self._after_forward(s, self.breaks.start(s))
+            self._on_its_own(s, self.breaks.start)
         decode = [s for s in plan.decode if s not in stepped]
         prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
         if not (decode or prefill or stepped):
@@ -312,6 +318,13 @@ class Engine:
         if decode or self.runner.in_flight:
             pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
             self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
+
+    def _on_its_own(self, s: Session, run):
+        """A forward of s alone (breakpoints); a refusal (a segment quota) ends its request, not the step."""
+        try:
+            self._after_forward(s, run(s))
+        except EngineError as e:
+            self._abort(s, cmd.Failed(e.code, e.message))
 
     def _forward(self, kind: str, sessions: list[Session], run, num_tokens: int):
         """Run one forward; a failure ends these sessions' requests with an error, and only theirs."""
@@ -403,6 +416,7 @@ class Engine:
         c.reply(cmd.Result({"detached": self.exports.detach(c.owner)}))
 
     def _ghost_forward(self, c: cmd.GhostForward):
+        self.quota.uid_of.setdefault(c.owner, _or(c.owner_uid, os.getuid()))
         c.reply(cmd.Result({"logits": self.ghost.run(c.owner, c.input_ids)}))
         self.metrics.inc("ghost_forwards")
 

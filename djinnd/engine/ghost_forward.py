@@ -6,19 +6,26 @@ forward and freed when the connection closes.
 import torch
 
 from djinnd.engine.commands import EngineError
-from djinnd.memory.activations import ActivationSegment
+from djinnd.memory.activations import ActivationSegment, QuotaExceeded, SegmentQuota
 from djinnd.session import Session
 from libdjinn.protocol import ErrorCode
 
 
 class GhostForwards:
-    def __init__(self, runner, pool, max_model_len: int, max_tokens: int):
+    def __init__(self, runner, pool, max_model_len: int, max_tokens: int, quota: SegmentQuota | None = None):
         self.runner, self.pool, self.max_model_len, self.max_tokens = runner, pool, max_model_len, max_tokens
+        self.quota = quota
         self.segments: dict[int, ActivationSegment] = {}    # connection id -> its last forward's logits
 
     def run(self, owner: int, rows: list[list[int]]) -> dict:
         """rows [B][T] token ids -> descriptor of float32 logits [B, T, vocab] in shared memory."""
         self._check(rows)
+        self.release(owner)                    # replaced: its bytes no longer count
+        if self.quota:
+            try:
+                self.quota.require(owner, len(rows) * len(rows[0]) * self.runner.model.args.vocab_size * 4)
+            except QuotaExceeded as e:
+                raise EngineError(ErrorCode.LIMIT, f"forward: {e}") from None
         tables = [self.pool.allocate(self.pool.blocks_for(len(r))) for r in rows]
         try:
             logits = self._logits([Session(0, owner, 0, tokens=list(r), block_table=t) for r, t in zip(rows, tables)])
@@ -46,8 +53,7 @@ class GhostForwards:
         return self.runner.model.logits(h)
 
     def _publish(self, owner: int, logits: torch.Tensor) -> dict:
-        self.release(owner)
-        segment = ActivationSegment(logits.shape, torch.float32)
+        segment = ActivationSegment(logits.shape, torch.float32, self.quota, owner)
         segment.write(logits)                  # device -> shared memory (synchronizes before the blocks go back)
         self.segments[owner] = segment
         return segment.descriptor()

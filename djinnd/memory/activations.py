@@ -7,6 +7,7 @@ that shrinks or replaces the segment gets an error for its own request, never a 
 """
 import os
 import secrets
+from collections import Counter
 
 import posix_ipc
 import torch
@@ -18,10 +19,49 @@ class SegmentError(ValueError):
     pass
 
 
+class QuotaExceeded(Exception):
+    pass
+
+
+class SegmentQuota:
+    """Bytes of segments each connection (owner) and each uid holds; a segment past either cap is
+    refused, so no client, nor one user's many connections, can fill /dev/shm."""
+
+    def __init__(self, per_client: int, per_uid: int):
+        self.per_client, self.per_uid = per_client, per_uid
+        self.by_owner: Counter = Counter()
+        self.by_uid: Counter = Counter()
+        self.uid_of: dict[int, int] = {}          # owner -> its peer's uid, told by the engine
+
+    def require(self, owner: int, nbytes: int):
+        """QuotaExceeded unless `owner` may hold nbytes more."""
+        uid = self.uid_of.get(owner)
+        for held, cap, who, key in ((self.by_owner[owner], self.per_client, "this connection", "client"),
+                                    (self.by_uid[uid], self.per_uid, f"uid {uid}", "uid")):
+            if held + nbytes > cap:
+                raise QuotaExceeded(f"{who} holds {held / 2**20:.1f} MiB of shared-memory segments; "
+                                    f"{nbytes / 2**20:.1f} MiB more would pass the cap of {cap / 2**20:.0f} MiB "
+                                    f"(server.max_segment_mb_per_{key}); resume, read or release what it holds")
+
+    def charge(self, owner: int, nbytes: int):
+        self.require(owner, nbytes)
+        self.by_owner[owner] += nbytes
+        self.by_uid[self.uid_of.get(owner)] += nbytes
+
+    def release(self, owner: int, nbytes: int):
+        self.by_owner[owner] -= nbytes
+        self.by_uid[self.uid_of.get(owner)] -= nbytes
+
+
 class ActivationSegment:
-    def __init__(self, shape: tuple, dtype):
+    def __init__(self, shape: tuple, dtype, quota: SegmentQuota | None = None, owner: int | None = None):
+        """quota, owner: charge the segment to this connection (QuotaExceeded past its caps)."""
         self.shape, self.dtype = tuple(shape), dtype
         self.nbytes = max(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size(), 1)
+        self.charged = None
+        if quota is not None:
+            quota.charge(owner, self.nbytes)
+            self.charged = (quota, owner)
         self.name = f"/djinn-{os.getpid()}-act-{secrets.token_hex(12)}"
         shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600)
         try:
@@ -61,6 +101,10 @@ class ActivationSegment:
         return buf.view(self.dtype).view(self.shape)
 
     def close(self):
+        if self.charged:
+            quota, owner = self.charged
+            quota.release(owner, self.nbytes)
+            self.charged = None
         try:
             posix_ipc.unlink_shared_memory(self.name)
         except posix_ipc.ExistentialError:

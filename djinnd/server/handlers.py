@@ -160,7 +160,7 @@ class Connection:
         self.inbox.put(cmd.DetachWeights(self.id, self._simple(rid)))
 
     def _on_forward(self, rid, f):
-        self.inbox.put(cmd.GhostForward(self.id, check_input_ids(f["input_ids"]), self._simple(rid)))
+        self.inbox.put(cmd.GhostForward(self.id, check_input_ids(f["input_ids"]), self._simple(rid), self.uid))
 
     def _on_harvest(self, rid, f):
         prompts, layers = intervention_fields.harvest(f, self.args.num_layers, self.args.vocab_size)

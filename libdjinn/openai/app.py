@@ -3,11 +3,14 @@
 FastAPI runs the blocking libdjinn calls in its thread pool; a stream is a sync generator that
 Starlette iterates there too, one SSE event per text delta.
 """
+import asyncio
 import itertools
 import json
+import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -16,39 +19,49 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from libdjinn.client import BadRequest, ContextOverflow, DjinnError, NoCapacity
+from libdjinn.openai.body_limit import BodyLimit
 from libdjinn.openai.daemon_link import DaemonDown
-from libdjinn.openai.errors import ApiError, error_json, on_api_error, on_validation_error
+from libdjinn.openai.errors import ApiError, error_json, error_response, on_api_error, on_validation_error
 from libdjinn.openai.front import Front
 from libdjinn.openai.metrics import FrontMetrics
 from libdjinn.openai.schemas import ChatRequest, CompletionRequest
 from libdjinn.openai.turn import Outcome
 
 
+log = logging.getLogger("djinn-openai")
+
+
 def create_app(front: Front) -> FastAPI:
     metrics = FrontMetrics(front)
+    # /health and /metrics on their own threads: requests hold the shared pool's for whole turns
+    side = ThreadPoolExecutor(max_workers=2, thread_name_prefix="djinn-openai-health")
+
+    async def off_the_request_path(fn):
+        return await asyncio.get_running_loop().run_in_executor(side, fn)
 
     @asynccontextmanager
     async def lifespan(app):
         stop = threading.Event()
         threading.Thread(target=front.expire_loop, args=(stop,), daemon=True).start()
+        threading.Thread(target=metrics.watch.run, args=(stop,), daemon=True).start()
         yield
         stop.set()
 
     app = FastAPI(title="djinn-openai", lifespan=lifespan)
     app.add_exception_handler(ApiError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(Exception, on_bug)
+    app.add_middleware(BodyLimit, max_bytes=front.config.max_body_bytes)
 
     @app.get("/health")
     async def health():
-        try:
-            await run_in_threadpool(front.link.status)
-        except DaemonDown as e:
-            return JSONResponse({"status": "daemon down", "error": str(e)}, status_code=503)
+        if await off_the_request_path(metrics.watch.latest) is None:
+            return JSONResponse({"status": "daemon down", "error": metrics.watch.down}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def prometheus():
-        body, content_type = await run_in_threadpool(metrics.render)
+        body, content_type = await off_the_request_path(metrics.render)
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
@@ -73,6 +86,12 @@ def create_app(front: Front) -> FastAPI:
         return await run_in_threadpool(shape.whole, first, events)
 
     return app
+
+
+async def on_bug(request, e: Exception):
+    """Whatever else goes wrong is still OpenAI's JSON error (was: 500 with a plain-text body)."""
+    log.exception("%s %s failed", request.method, request.url.path)
+    return error_response(ApiError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
 
 
 def guarded(make_events):

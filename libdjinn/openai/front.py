@@ -25,6 +25,7 @@ class FrontConfig:
     conversation_ttl_s: float = 600.0
     max_conversations: int = 256
     default_max_tokens: int = 1024         # when a chat request gives none (bounded by the context)
+    max_body_bytes: int = 8 << 20          # larger request bodies get 413 before they are parsed
 
 
 class Front:
@@ -34,6 +35,7 @@ class Front:
         self.table = ConversationTable(config.conversation_ttl_s, config.max_conversations)
         self.durations = ToolDurations()
         self.link.on_reset = self.table.clear      # the daemon's sessions died with the connection
+        self._max_token_chars = None               # characters of the vocabulary's longest token
 
     def check_model(self, model: str):
         if model != self.config.model_name:
@@ -52,6 +54,7 @@ class Front:
         tools = req.plain_tools()
         forced = tool_calls.forced_prefix(req.tool_choice, tok) if tools else ""
         prompt = tool_calls.render(tok, req.plain_messages(), tools)
+        self._check_length(prompt, tok)
         ids = tok.encode(prompt + forced, add_special_tokens=False)
         parse_tools = bool(tools) and req.tool_choice != "none"
         brings_results = req.messages[-1].role == "tool"
@@ -67,7 +70,9 @@ class Front:
                 raise bad_request("only one prompt per request is supported", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = self.tokenizer("text prompts cannot be tokenized; send token ids").encode(prompt)
+            tok = self.tokenizer("text prompts cannot be tokenized; send token ids")
+            self._check_length(prompt, tok)
+            ids = tok.encode(prompt)
         else:
             ids = list(prompt)
         self.link.connection()
@@ -95,6 +100,17 @@ class Front:
             raise
         keep = min(matched, len(ids) - 1)     # at least one token must be fed
         return Turn(self, conv, ids, keep, req.daemon_sampling(max_tokens), stream)
+
+    def _check_length(self, text: str, tok):
+        """Refuse text that cannot fit the context before tokenizing it (28 MB took 32 s): no token
+        spans more characters than the longest in the vocabulary, so it needs at least this many."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, tok.get_vocab()), default=1) or 1
+        least = len(text) // self._max_token_chars
+        if least > self.link.max_model_len:
+            raise bad_request(f"This model's maximum context length is {self.link.max_model_len} tokens. However, "
+                              f"your messages hold at least {least} tokens ({len(text)} characters).", "messages",
+                              "context_length_exceeded")
 
     def _max_tokens(self, num_prompt: int, asked: int | None) -> int:
         room = self.link.max_model_len - num_prompt

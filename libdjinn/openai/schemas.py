@@ -2,7 +2,11 @@
 Fields we do not use (user, logprobs=false, parallel_tool_calls, ...) are accepted and ignored."""
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOPS = 16                # OpenAI takes 4; the matcher's cost does not grow with them, the caps bound its build
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1          # what the daemon's sampler takes
 
 
 class Loose(BaseModel):
@@ -56,13 +60,21 @@ class Sampling(Loose):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, ge=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
     ignore_eos: bool = False          # an extension, as in vLLM: always generate max_tokens
     steer: list[SteerItem] | None = None   # an extension: steering vectors, checked by the daemon
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters each")
+        return stop
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -84,6 +96,22 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _named_choice(cls, choice):
+        named = isinstance(choice, dict) and choice.get("type", "function") == "function" \
+            and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+        if isinstance(choice, dict) and not named:
+            raise ValueError('a named tool choice is {"type": "function", "function": {"name": "..."}}')
+        return choice
+
+    @model_validator(mode="after")
+    def _choice_names_a_tool(self):
+        if isinstance(self.tool_choice, dict) and self.tools and self.tool_choice["function"]["name"] not in \
+                [t.function.name for t in self.tools]:
+            raise ValueError(f"tool_choice names {self.tool_choice['function']['name']!r}, which is not in tools")
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

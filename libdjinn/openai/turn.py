@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from libdjinn.client import DjinnError, raise_for
 from libdjinn.openai import tool_calls
+from libdjinn.openai.stops import StopMatcher
 
 
 @dataclass
@@ -26,7 +27,8 @@ class TextStream:
     nor anything from a tool call on (parsed at the end instead)."""
 
     def __init__(self, tokenizer, stops: list[str], tools: bool, forced: str):
-        self.tokenizer, self.stops, self.tools, self.forced = tokenizer, stops, tools, forced
+        self.tokenizer, self.tools, self.forced = tokenizer, tools, forced
+        self.stops = StopMatcher(stops)
         self.ids, self.text, self.sent, self.stopped = [], "", 0, False
 
     def push(self, token: int) -> str:
@@ -37,7 +39,8 @@ class TextStream:
         if text.endswith("\ufffd"):          # half of a UTF-8 character
             return ""
         self.text = text
-        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        hit = self.stops.feed(text)
+        hits = [] if hit is None else [hit]
         end = tool_calls.call_end(self.forced, text) if self.forced else None
         if end is not None:                                # the forced call is complete
             hits.append(end)
@@ -49,14 +52,13 @@ class TextStream:
         text, end = self.text, len(self.text)
         if self.forced or self.tools and text.lstrip()[:1] in ("", "{", "["):
             return self.sent                  # may be a tool call: hold it all
-        held = self.stops + ([tool_calls.OPEN] if self.tools else [])
+        end -= self.stops.held
         if self.tools and tool_calls.OPEN in text:
-            end = text.index(tool_calls.OPEN)
-        for s in held:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    end = min(end, len(text) - k)
-                    break
+            end = min(end, text.index(tool_calls.OPEN))
+        elif self.tools:
+            s = tool_calls.OPEN
+            end = min(end, len(text) - next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
+                                             if text.endswith(s[:k])), 0))
         return max(end, self.sent)
 
     def _emit(self, end: int) -> str:
