@@ -28,9 +28,13 @@ from libdjinn import plots
 
 GiB, MiB = 2**30, 2**20
 STARTUP_S = 75          # daemon start on the GPU (weights, pool, graphs) within --budget-s
+# Why N = 16..64 and time scale 0.5 on an H200: the pool left after 8B weights holds ~850k tokens,
+# so 16 agents at ~35k tokens fit and 64 are ~2.5x over the pool and past pool + arena (drops);
+# at scale 0.5 a turn (200 tokens, ~5 s) and a tool call (mean ~3.3 s) alternate, so agents grow
+# to ~35-45k tokens in a ~95 s window while ~40% of them are in a tool call at any time.
 GRACE_S = 20            # after the deadline: last turns finish, then agents are stopped
 PROFILE = {"model": "random:llama-3.1-8b", "dtype": "bfloat16", "context": 8192, "new_tokens": 200,
-           "tool_dist": "lognormal", "tool_median": 4.0, "tool_sigma": 1.0, "sweep": "8,16,24,32",
+           "tool_dist": "lognormal", "tool_median": 4.0, "tool_sigma": 1.0, "sweep": "16,32,48,64", "time_scale": 0.5,
            "policies": "semantic,lru,recompute", "resident": False, "hf": False, "turns": 0}
 
 
