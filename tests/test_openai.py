@@ -318,3 +318,15 @@ def test_health_and_metrics_answer_while_every_request_thread_is_busy(front):
         t.join(300)
     assert health.status_code == 200 and metrics.status_code == 200 and "djinn_daemon_up 1.0" in metrics.text
     assert still_busy > 40 and answered_s < 1.5, (still_busy, answered_s)
+
+
+def test_a_new_conversation_reports_the_shared_system_prompt_as_cached(front, direct):
+    """Prefix sharing: a second conversation starting with the same system prompt (another session)
+    reports the prompt's full KV blocks it reused as cached_tokens; the client changes nothing."""
+    system = {"role": "system", "content": "You answer in one word, carefully and politely. " * 10}
+    replies = [front.client.chat.completions.create(model="djinn", messages=[system, {"role": "user", "content": q}],
+                                                    max_tokens=4, temperature=0)
+               for q in ("Name a colour.", "Name a fruit.")]
+    tok = tokenizer(direct)
+    assert replies[1].usage.prompt_tokens_details.cached_tokens >= len(chat_ids(tok, [system], None)) - 32
+    assert replies[1].usage.prompt_tokens_details.cached_tokens > replies[0].usage.prompt_tokens_details.cached_tokens
