@@ -57,16 +57,17 @@ def hbm_bandwidth(device) -> float:
     return 2 * x.numel() * 10 / (start.elapsed_time(end) / 1e3)
 
 
-def random_tokens(batch: int, length: int, vocab: int) -> torch.Tensor:
-    """The same tokens for the engine and HF: seeded by the shape."""
-    gen = torch.Generator().manual_seed(batch * 1_000_003 + length)
+def random_tokens(batch: int, length: int, vocab: int, salt: int = 0) -> torch.Tensor:
+    """The same tokens for the engine and HF: seeded by the shape (and salt, so that no timed prompt
+    finds another's blocks in the prefix cache)."""
+    gen = torch.Generator().manual_seed(batch * 1_000_003 + length + salt * 7_919)
     return torch.randint(3, vocab, (batch, length), generator=gen)
 
 
-def engine_prefill_ms(client, prompt, repeats) -> float:
-    """Time to the first token of a fresh session's prompt: one prefill and one sample."""
+def engine_prefill_ms(client, prompts) -> float:
+    """Time to the first token of a fresh session's prompt: one prefill and one sample (median)."""
     times = []
-    for _ in range(repeats):
+    for prompt in prompts:
         session = client.open()
         start = time.perf_counter()
         client.done(client.submit(session, prompt, 1))
@@ -147,9 +148,9 @@ def measure_engine(a, batches, contexts, prefill_lens, overrides) -> tuple[dict,
         if not fits(facts, 1, n + 1):
             row["skipped"].append(f"prefill {n}")
             continue
-        prompt = random_tokens(1, n, facts["vocab"])[0].tolist()
-        engine_prefill_ms(client, prompt[:min(n, 2 * chunk + 16)], 1)   # warm-up: first chunk and prefix paths
-        row["prefill_ms"][n] = engine_prefill_ms(client, prompt, 3 if n <= 8192 else 1)
+        prompts = random_tokens(3 if n <= 8192 else 1, n, facts["vocab"], salt=1).tolist()
+        engine_prefill_ms(client, random_tokens(1, min(n, 2 * chunk + 16), facts["vocab"], salt=2).tolist())  # warm-up
+        row["prefill_ms"][n] = engine_prefill_ms(client, prompts)
     for c in contexts:
         for b in batches:
             if not fits(facts, b, c + a.new_tokens):
@@ -172,7 +173,7 @@ def measure_hf(model, batches, contexts, prefill_lens, facts, a) -> dict:
         if n > a.hf_max_tokens:
             row["skipped"].append(f"prefill {n}")
             continue
-        ids = random_tokens(1, n, facts["vocab"]).to(dev)
+        ids = random_tokens(1, n, facts["vocab"], salt=1).to(dev)
         row["prefill_ms"][n] = 1e3 * statistics.median(hf_generate_s(hf, ids, 1) for _ in range(3 if n <= 8192 else 1))
     for c in contexts:
         for b in batches:
