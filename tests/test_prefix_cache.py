@@ -273,3 +273,19 @@ def test_only_sessions_in_the_scope_share_and_tokens_do_not_change(scope, sharer
     for who, done in others.items():
         assert done.tokens == first.tokens
         assert done.cached_tokens == (3 * engine.pool.block_size if who in sharers else 0), who
+
+
+def test_a_prefetch_takes_the_blocks_of_its_victim_known_ones_included():
+    """Regression: a prefetch took only a victim's private blocks, so it was deferred whenever the
+    victim's full blocks were known (all of them, with sharing on), and the KV came back late."""
+    pool = pool_of(7, BS)
+    sched = scheduler_of(pool, "semantic", host_blocks=20)
+    a, b = session(1, PREFIX + [1]), session(2, list(range(300, 325)))
+    run(sched, a)
+    assert sched.pager.evict(a, "pressure")
+    sched.pager.poll()
+    run(sched, b)                                # takes every block: a's cached ones are reclaimed
+    assert sched.pager.prefetch(a, "active", due=0.0)
+    assert a.kv is KVPlace.DEVICE and b.kv is KVPlace.HOST and len(a.block_table) == 4
+    sched.pager.poll()
+    integrity(sched)
