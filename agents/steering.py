@@ -35,8 +35,8 @@ def main():
         ask = dict(messages=[{"role": "user", "content": a.prompt}], max_new_tokens=a.max_new_tokens)
         for sign, name in ((1, "toward positive"), (-1, "toward negative")):
             steered = djinn.session().generate(**ask, steer={a.layer: sign * direction}, capture=[a.layer])
-            print(f"[{name}, layer {a.layer}, strength {a.strength}]\n  {steered.text}")
-            print(f"  (captured {tuple(steered.activations[a.layer].shape)} outputs of layer {a.layer})\n")
+            rows = tuple(steered.activations[a.layer].shape)
+            print(f"[{name}, layer {a.layer}, strength {a.strength}; captured {rows} outputs]\n  {steered.text}\n")
         print(f"[unsteered]\n  {djinn.session().generate(**ask).text}")
 
 
