@@ -79,6 +79,7 @@ class EngineConfig:
     cuda_graphs: bool = True      # capture the decode step in CUDA graphs (false: eager, for debugging)
     admission: str = "fifo"       # waiting requests by arrival (fifo), session age (program) or prompt left (shortest)
     admission_max_wait_ms: float = 5000.0  # program, shortest: past this wait a request goes in arrival order
+    max_step_ms: float = 0.0      # while sessions decode, prompt chunks shrink so a step takes about this long (0: off)
     tensor_parallel: int = 1      # ranks, one process and one GPU each, sharing each layer's heads and MLP columns
 
     def __post_init__(self):
@@ -89,6 +90,7 @@ class EngineConfig:
         _require(self.attention in ATTENTION, "attention", f"must be one of {ATTENTION}, got {self.attention!r}")
         _require(self.admission in ADMISSION, "admission", f"must be one of {ADMISSION}, got {self.admission!r}")
         _require(self.admission_max_wait_ms >= 0, "admission_max_wait_ms", "must be >= 0")
+        _require(0 <= self.max_step_ms < float("inf"), "max_step_ms", "must be a finite number >= 0 (0: off)")
         _require(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1")
 
 

@@ -46,7 +46,8 @@ class Engine:
         self.sessions = self.pager.sessions       # one table of sessions, shared with the pager
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens, config.engine.admission,
-                                   config.engine.admission_max_wait_ms / 1e3, config.server.capacity_wait_s)
+                                   config.engine.admission_max_wait_ms / 1e3, config.server.capacity_wait_s,
+                                   config.engine.max_step_ms)
         mb = 2**20
         self.quota = SegmentQuota(int(config.server.max_segment_mb_per_client * mb),
                                   int(config.server.max_segment_mb_per_uid * mb))
@@ -272,8 +273,8 @@ class Engine:
 
     def _start_interventions(self, s: Session, c: cmd.Generate, keep: int):
         """Steering vectors and the capture segment of the request (engine/interventions.py). Such a
-        session leaves prefix sharing for good: steered KV must never reach another session, and a
-        capture needs every prompt token computed, not found."""
+        session, or one with breakpoints, leaves prefix sharing for good: steered or edited KV must
+        never reach another session, and a capture or a pause needs every prompt token computed."""
         try:
             captures = self.runner.interventions.start(s.id, c.interventions, keep, len(c.prompt_ids),
                                                        c.params.max_new_tokens)
@@ -312,12 +313,17 @@ class Engine:
         prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
         if not (decode or prefill or stepped):
             time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
+        budget, started = self.scheduler.budget, time.perf_counter()   # budget learns what steps cost
         if prefill:
             self._forward("prefill", [s for s, _ in prefill], lambda: zip(
                 [s for s, _ in prefill], self.runner.prefill(prefill)), sum(n for _, n in prefill))
+            budget.observe_prefill(sum(n for _, n in prefill), time.perf_counter() - started)
+            started = time.perf_counter()
         if decode or self.runner.in_flight:
             pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
             self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
+            if decode:
+                budget.observe_decode(time.perf_counter() - started)
 
     def _on_its_own(self, s: Session, run):
         """A forward of s alone (breakpoints); a refusal (a segment quota) ends its request, not the step."""

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from djinnd.engine.step_budget import StepBudget
 from djinnd.session import KVPlace, Session, SessionState
 
 
@@ -29,7 +30,7 @@ ORDER_KEYS = {                # admission -> what the waiting queue is sorted by
 
 class Scheduler:
     def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int, admission: str = "fifo",
-                 max_wait_s: float = 5.0, capacity_wait_s: float = 5.0):
+                 max_wait_s: float = 5.0, capacity_wait_s: float = 5.0, max_step_ms: float = 0.0):
         self.pool, self.pager = pool, pager
         self.capacity_wait_s = capacity_wait_s   # room held only by paused sessions: refused after this
         self.order_key = ORDER_KEYS[admission]
@@ -37,6 +38,7 @@ class Scheduler:
         self.max_wait_s = max_wait_s        # a request waiting longer goes in arrival order
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.budget = StepBudget(max_step_ms)          # prompt tokens a step feeds beside decoding rows
         self.waiting: deque[Session] = deque()
         self.running: list[Session] = []
         self.refused: list[tuple[Session, str]] = []   # drained by the engine
@@ -47,7 +49,8 @@ class Scheduler:
     def blocks_needed(self, s: Session) -> int:
         """Blocks to reserve so the whole request fits (decode never runs out mid-way), less the
         shared prefix blocks other sessions hold already."""
-        return max(0, self._blocks_total(s) - len(s.block_table) - self.pager.shared_held(s))
+        cow = max(0, len(s.block_keys) - s.num_cached // self.pool.block_size)  # copies of shared blocks it cut in
+        return max(0, self._blocks_total(s) - len(s.block_table) - self.pager.shared_held(s) + cow)
 
     def _blocks_total(self, s: Session) -> int:
         return self.pool.blocks_for(len(s.tokens) + s.request.params.max_new_tokens)
@@ -66,8 +69,10 @@ class Scheduler:
     def schedule(self) -> Plan:
         """This step's work: admit what fits, then decode everyone ready and prefill within budget."""
         self._admit()
-        plan, budget = Plan(), self.max_num_batched_tokens
+        plan = Plan()
         running = sorted(self.running, key=lambda s: s.num_new_tokens) if self.shortest_first else self.running
+        decoding = any(s.num_new_tokens == 1 and s.state is SessionState.RUNNING for s in running)
+        budget = self.budget.tokens(decoding, self.max_num_batched_tokens)
         for s in running:
             if s.state is not SessionState.RUNNING:
                 continue                     # paused at a breakpoint: waits for its client
@@ -92,6 +97,7 @@ class Scheduler:
                     self.pager.metrics.inc("recomputed_tokens", max(0, len(s.tokens) - s.num_cached
                                                                     - s.request.num_prompt_tokens))
                 s.kv = KVPlace.DEVICE
+            self.pager.copy_on_write(s)
             s.block_table += self.pool.allocate(max(0, self._blocks_total(s) - len(s.block_table)))
             self.waiting.remove(s)
             s.change_state(SessionState.RUNNING)
