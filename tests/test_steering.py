@@ -218,3 +218,14 @@ def test_a_breakpoint_at_a_steered_layer_shows_the_steered_output(tiny_daemon):
         steered = [bp.hidden.clone() for bp in djinn.session().trace(prompt_ids=prompt, breakpoints=[1],
                                                                     steer={1: v}, **GEN)]
     assert torch.equal(steered[0], plain[0] + v)
+
+
+def test_edited_kv_never_reaches_another_session_and_pauses_show_every_prompt_row(tiny_daemon):
+    """Breakpoint edits change the KV too: a traced session shares no blocks, either way."""
+    [prompt] = random_prompts(512, [40], seed=50)
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        plain = djinn.session().generate(prompt_ids=prompt, **GEN).tokens       # its full blocks are cached
+        rows = [bp.shape[0] for bp in djinn.session().trace(prompt_ids=prompt, breakpoints=[1], **GEN)]
+        edited = djinn.session().generate(prompt_ids=prompt, hooks={0: lambda bp: bp.hidden.mul_(-1.0)}, **GEN)
+        later = djinn.session().generate(prompt_ids=prompt, **GEN).tokens
+    assert rows == [40] and edited.tokens != plain and later == plain

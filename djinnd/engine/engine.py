@@ -280,7 +280,7 @@ class Engine:
                                                        c.params.max_new_tokens)
         except MemoryError as e:
             raise EngineError(ErrorCode.NO_CAPACITY, f"session {s.id}: capture: {e}") from None
-        if self.runner.interventions.of(s.id) is not None:
+        if self.runner.interventions.of(s.id) is not None or c.params.breakpoints:
             s.prefix_root = None
         return captures
 
