@@ -34,11 +34,12 @@ def prompts_of(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 class Fleet:
-    """n sessions, one connection and thread each; run() starts their generates together."""
+    """n sessions on a few connections (a process may hold 64), a thread each; run() starts their
+    generates together."""
 
     def __init__(self, sock: str, n: int):
-        self.conns = [libdjinn.connect(sock) for _ in range(n)]
-        self.sessions = [c.session() for c in self.conns]
+        self.conns = [libdjinn.connect(sock) for _ in range(min(n, 8))]
+        self.sessions = [self.conns[i % len(self.conns)].session() for i in range(n)]
 
     def run(self, jobs: list[dict]) -> tuple[float, int]:
         """jobs[i]: generate kwargs of session i; returns (wall seconds, tokens generated)."""
