@@ -116,27 +116,31 @@ def test_other_roots_share_nothing():
     assert c.block_keys == [] and sched.pager.prefix.num_hit_tokens == 0
 
 
-def test_cutting_history_inside_a_shared_block_writes_a_fresh_block():
-    """Copy-on-write: a session that keeps half of a shared block feeds that half again in a block
-    of its own; the sharer's block is untouched."""
+def test_cutting_history_inside_a_shared_block_copies_it_before_writing():
+    """Copy-on-write: a session that keeps half of a shared block gets a copy of it when it next
+    writes; the sharer's block is untouched and its K/V reused, not fed again."""
     pool = pool_of(20, BS)
     sched = scheduler_of(pool, "lru", host_blocks=20)
     a, b = session(1, PREFIX + [1]), session(2, PREFIX + [2])
     run(sched, a)
     run(sched, b)
     shared = list(a.block_table[:3])
+    pool.k[:, shared[1]] = 1.5
     sched.pager.truncate(b, 6)                  # inside the second shared block
-    assert b.num_cached == 4 and b.block_table == shared[:1] and len(b.block_keys) == 1
+    assert b.num_cached == 6 and b.block_table == shared[:2] and len(b.block_keys) == 2
     again(b, [50, 51])
     sched.add(b)
     sched.schedule()
-    assert b.block_table[0] == shared[0] and b.block_table[1] not in shared
-    assert b.num_new_tokens == 4 and a.block_table[:3] == shared and pool.refs[shared[1]] == 1
+    copy = b.block_table[1]
+    assert b.block_table[0] == shared[0] and copy not in shared and bool((pool.k[:, copy] == 1.5).all())
+    assert b.num_new_tokens == 2 and b.block_keys == a.block_keys[:1] and a.block_table[:3] == shared
+    assert pool.refs[shared[1]] == 1 and copy not in pool.known
     integrity(sched)
 
 
-def test_a_cancelled_request_cut_inside_a_known_block_leaves_it():
-    """finish() after an abort: num_cached points inside a block that became known meanwhile."""
+def test_a_cancelled_request_cut_inside_its_own_known_block_takes_it_out_of_the_cache():
+    """finish() after an abort: num_cached points inside a block that became known meanwhile and
+    nobody else holds; the next request writes into it only once the cache has forgotten it."""
     pool = pool_of(20, BS)
     sched = scheduler_of(pool, "lru", host_blocks=20)
     a = session(1, PREFIX + [1])
@@ -149,7 +153,13 @@ def test_a_cancelled_request_cut_inside_a_known_block_leaves_it():
     del a.tokens[14:]                                   # the abort cuts the history back ...
     a.num_cached = 14                                   # ... to inside the fourth block, now known
     sched.finish(a)
-    assert len(a.block_keys) == 3 and a.num_cached == 12 and len(a.block_table) == 3
+    assert len(a.block_keys) == 4 and a.num_cached == 14 and len(a.block_table) == 4
+    block = a.block_table[3]
+    again(a, [5])
+    sched.add(a)
+    sched.schedule()
+    assert len(a.block_keys) == 3 and a.block_table[3] == block and block not in pool.known
+    integrity(sched)
 
 
 def test_cached_blocks_are_reclaimed_before_any_session_is_paged():

@@ -221,12 +221,27 @@ class Pager:
         self.prefix.num_hit_tokens += len(found) * self.pool.block_size
 
     def settle(self, s: Session):
-        """A request ended: s lets go of known blocks it would write into next (a cancelled request
-        cut its history inside one), and its full blocks become known, duplicates merged."""
-        if self.prefix.cut(s):
-            spare, s.block_table = s.block_table[len(s.block_keys):], s.block_table[:len(s.block_keys)]
-            self._free_after_copies(s, spare, [])
+        """A request ended: s lets go of known blocks past its history (a cancelled request cut it),
+        and its full blocks become known, duplicates merged."""
+        self.prefix.cut(s)
         self.prefix.register(s, may_move=not s.transfers)
+
+    def copy_on_write(self, s: Session):
+        """Admission: s writes from num_cached on. Known blocks from there (its history was cut
+        inside one) become its own: taken out of the cache when nobody else holds them, else
+        replaced by fresh blocks (counted by blocks_needed), the one the history ends inside copied."""
+        first = s.num_cached // self.pool.block_size
+        for i in range(first, len(s.block_keys)):
+            block = s.block_table[i]
+            if self.pool.refs[block] == 1:
+                self.prefix.detach(block)
+                continue
+            s.block_table[i] = self.pool.allocate(1)[0]
+            if i * self.pool.block_size < s.num_cached:
+                self.swapper.wait_before_compute([t for t in s.transfers if t.direction == "in"])
+                self.pool.copy_block(block, s.block_table[i])
+            self.pool.free([block])
+        del s.block_keys[first:]
 
     def prefetch(self, s: Session, cause: str, due: float | None = None) -> bool:
         """Bring s's KV back before its request comes. Room comes from free blocks no queued request
@@ -322,7 +337,7 @@ class Pager:
             return
         del s.tokens[keep:]
         s.num_cached = min(s.num_cached, keep)
-        gone = self.prefix.cut(s)          # a shared block it would write into: fed again in a fresh one
+        gone = self.prefix.cut(s)          # keeps the one it ends inside: copied before it is written
         n = self.pool.blocks_for(s.num_cached)
         if s.kv is KVPlace.HOST:
             s.host_runs, spare = split_runs(s.host_runs, n - len(s.block_keys))

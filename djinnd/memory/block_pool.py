@@ -97,6 +97,11 @@ class KVBlockPool:
                 else:
                     self._free.append(b)
 
+    def copy_block(self, src: int, dst: int):
+        """Copy-on-write: dst takes src's K/V (all layers), on the compute stream."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
     def check_integrity(self, tables: list[list[int]], in_flight: list[int] = ()):
         """Each block's count is its holders (tables, copies in flight); the rest is free or cached."""
         held = [b for t in tables for b in t] + list(in_flight)

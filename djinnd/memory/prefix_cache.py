@@ -5,8 +5,9 @@ A block's key hashes its parent's key and its own tokens, from a root that names
 and a session never maps another scope's KV. A known block lives on the device (reference-counted
 by the pool; cached when nobody holds it) and/or as one host-arena block, kept while a swapped-out
 session needs it back. Only full blocks whose K/V are all written become known, so nothing ever
-writes into one: new tokens go to the session's own tail blocks, and a session that diverges
-inside a block (or cuts its history there) takes a fresh block and feeds that block's tokens again.
+writes into one: new tokens go to the session's own tail blocks; a prompt that diverges inside a
+block feeds that block in a fresh one, and a session that cuts its history inside a known block
+gets a copy of it before it writes (copy-on-write).
 """
 import hashlib
 from array import array
@@ -133,12 +134,9 @@ class PrefixCache:
             s.block_keys.append(parent)
 
     def cut(self, s: Session) -> list[bytes]:
-        """s writes from num_cached on: it lets go of the known blocks from there (the one it would
-        write into is fed again in a fresh block). Returns the keys let go."""
-        keep = s.num_cached // self.block_size
-        if keep >= len(s.block_keys):
-            return []
-        s.num_cached = keep * self.block_size
+        """s's history was cut to num_cached tokens: it lets go of the known blocks past them and
+        keeps the one they end inside (copied before s writes into it). Returns the keys let go."""
+        keep = -(-s.num_cached // self.block_size)
         gone = s.block_keys[keep:]
         del s.block_keys[keep:]
         return gone
