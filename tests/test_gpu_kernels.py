@@ -130,3 +130,29 @@ def test_prefill_chunk_over_a_long_paged_prefix_equals_the_reference(prefix, chu
     ref = torch.nn.functional.scaled_dot_product_attention(q.double().transpose(0, 1)[None], keys, values,
                                                            attn_mask=causal_lower_right(chunk, ctx))
     assert rel_err(out, ref[0].transpose(0, 1)) < TOL[torch.bfloat16]
+
+
+def engine_tokens(overrides: dict, prompts, new_tokens: int):
+    from djinnd.config import load_config
+    from djinnd.daemon import build_engine
+    from djinnd.engine.local import LocalClient
+    engine = build_engine(load_config(None, {"model": "random:llama-3.2-1b", "device": "cuda", "dtype": "float32",
+                                             "kv_cache_mb": 8192.0, "max_num_seqs": 4, **overrides}))
+    engine.start()
+    client = LocalClient(engine)
+    pending = [client.submit(client.open(), p, new_tokens) for p in prompts]
+    outs = [client.done(e)[0].tokens for e in pending]
+    engine.stop()
+    engine.join()
+    return engine, outs
+
+
+def test_decode_after_long_prompts_gives_the_torch_paths_tokens():
+    """fp32, Llama-3.2-1B shapes (GQA group 4, window 131,072): prompts of 20k, 3k and 37 tokens
+    decode the same tokens through graphs + split-K kernel as through the eager torch path."""
+    from conftest import random_prompts
+    prompts = random_prompts(128256, [20000, 3000, 37], seed=5)
+    fast, out_fast = engine_tokens({}, prompts, 16)
+    assert fast.runner.decoder.graphs, "no CUDA graphs were captured"
+    _, out_eager = engine_tokens({"cuda_graphs": False, "attention": "torch"}, prompts, 16)
+    assert out_fast == out_eager
