@@ -3,6 +3,7 @@
 A reader thread routes replies by request id, so one connection can have several requests in
 flight (a generate streaming in one thread while another sets a phase).
 """
+import array
 import contextlib
 import itertools
 import os
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from libdjinn.interventions import Activations, Harvest, harvest_batches, steer_fields
 from libdjinn.paths import default_socket_path, tmp_socket_path, untrusted_folder
-from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, decode_body, encode_frame
+from libdjinn.protocol import HEADER, PROTOCOL_VERSION, ErrorCode, decode_body, encode_frame, give_fds
 from libdjinn.shm import MappedTensor
 from libdjinn.trace import Pause, Trace  # noqa: F401
 
@@ -41,6 +42,7 @@ ERRORS = {ErrorCode.UNKNOWN_SESSION: UnknownSession, ErrorCode.NOT_OWNER: NotOwn
           ErrorCode.CONTEXT_OVERFLOW: ContextOverflow, ErrorCode.NO_CAPACITY: NoCapacity,
           ErrorCode.BAD_REQUEST: BadRequest, ErrorCode.NOT_EXPORTED: NotExported, ErrorCode.LIMIT: LimitReached,
           ErrorCode.UNAVAILABLE: DaemonUnavailable, ErrorCode.TIMEOUT: Timeout}
+FD_SPACE = socket.CMSG_SPACE(8 * array.array("i").itemsize)   # descriptors beside one frame, at most
 DEFAULT_TIMEOUT_S = 900.0   # longest wait for the daemon's next reply (above its queue_timeout_s)
 
 
@@ -83,6 +85,7 @@ class Connection:
         self._lock = threading.Lock()
         self._closed: Exception | None = None
         self._harvesting, self._harvest_tokens = threading.Lock(), None   # tokens one harvest call takes
+        self._fds: list[int] = []      # received beside frames (SCM_RIGHTS), not yet given to a reply
         self._reader = threading.Thread(target=self._read_loop, name="libdjinn-reader", daemon=True)
         self._reader.start()
         self.info = self.request("hello", version=PROTOCOL_VERSION, pid=os.getpid())
@@ -180,6 +183,9 @@ class Connection:
             while True:
                 (size,) = HEADER.unpack(self._recv(HEADER.size))
                 reply = decode_body(self._recv(size))
+                if reply.get("fds"):          # its descriptors came with its first bytes, or before
+                    fds, self._fds = self._fds[:reply["fds"]], self._fds[reply["fds"]:]
+                    give_fds(reply, fds)
                 target = self._pending.get(reply.get("id"))
                 if target is not None:
                     target.put(reply)
@@ -195,7 +201,10 @@ class Connection:
     def _recv(self, n: int) -> bytes:
         buf = bytearray()
         while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
+            chunk, ancillary, _, _ = self.sock.recvmsg(n - len(buf), FD_SPACE)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self._fds += array.array("i", data[:len(data) - len(data) % 4]).tolist()
             if not chunk:
                 raise ConnectionError("socket closed")
             buf += chunk

@@ -2,7 +2,8 @@
 
 A frame is a 4-byte big-endian body length followed by a msgpack map. Every request
 carries `type` and an integer `id`; every reply echoes the `id`. Tensors never travel in
-frames: they travel through shared memory, described by (segment, offset, shape, dtype).
+frames: they travel through shared memory, described by (segment, offset, shape, dtype); a sealed
+segment's file descriptor rides beside its reply's frame (SCM_RIGHTS, see take_fds).
 """
 import enum
 import struct
@@ -115,6 +116,26 @@ def check_request(message: dict) -> dict:
         if required and fields.get(name) is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{kind}: field {name!r} is required")
     return fields
+
+
+def take_fds(message: dict) -> list[int]:
+    """The daemon's side: pull the file descriptors out of a reply ("fd" fields, at the top and one map
+    down) to send beside its frame (SCM_RIGHTS); each leaves its index, and `fds` their count."""
+    fds = []
+    for d in [message, *(v for v in message.values() if isinstance(v, dict))]:
+        if isinstance(d.get("fd"), int):
+            d["fd_index"] = len(fds)
+            fds.append(d.pop("fd"))
+    if fds:
+        message["fds"] = len(fds)
+    return fds
+
+
+def give_fds(message: dict, fds: list[int]):
+    """The client's side of take_fds: the received descriptors go back where their indexes are."""
+    for d in [message, *(v for v in message.values() if isinstance(v, dict))]:
+        if "fd_index" in d:
+            d["fd"] = fds[d.pop("fd_index")]
 
 
 def error_reply(request_id, code: ErrorCode, message: str) -> dict:

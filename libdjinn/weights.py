@@ -7,6 +7,7 @@ Read-only by contract: the daemon serves every agent from these bytes. On CPU th
 intact); on CUDA nothing can, so never write to them, and never give them to an optimizer.
 """
 import mmap
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -89,13 +90,20 @@ def _view(buffer, offset: int, shape: list, dtype: str):
 
 
 def _map_shm(reply: dict):
-    """The daemon's segment, opened O_RDONLY and mapped PROT_READ: the OS refuses writes."""
+    """The daemon's sealed memfd (its descriptor came beside the reply), mapped PROT_READ: the seals
+    refuse writes and size changes from anyone; an older daemon's named segment, opened O_RDONLY."""
     import torch
-    shm = posix_ipc.SharedMemory(reply["segment"], read_only=True)
-    try:
-        mapping = mmap.mmap(shm.fd, shm.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-    finally:
-        shm.close_fd()
+    if reply.get("fd") is not None:
+        try:
+            mapping = mmap.mmap(reply["fd"], reply["nbytes"] or 1, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(reply["fd"])
+    else:
+        shm = posix_ipc.SharedMemory(reply["segment"], read_only=True)
+        try:
+            mapping = mmap.mmap(shm.fd, shm.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            shm.close_fd()
     with warnings.catch_warnings():       # torch warns that the buffer is not writable: that is the point
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(mapping, dtype=torch.uint8, count=reply["nbytes"])

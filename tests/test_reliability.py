@@ -1,5 +1,6 @@
 """Issue 11, one regression test per finding: nothing a client does can hang or crash the daemon,
 and after each attack the daemon still serves other clients with correct tokens (HF reference)."""
+import mmap
 import os
 import shutil
 import socket
@@ -175,17 +176,15 @@ def test_bad_sampling_values_are_refused_at_the_door(limited, hf_tiny):
 
 
 def test_shrunk_activation_segment_cannot_crash_the_daemon(limited, hf_tiny):
-    """Finding 2: a client that ftruncates its paused activations gets BAD_REQUEST, not a daemon SIGBUS."""
+    """Finding 2 (and round 3, finding 4): a client cannot ftruncate its paused activations at all
+    (a sealed memfd, it got BAD_REQUEST before); an abandoned trace is cancelled in the daemon."""
     [p] = prompts(11, seed=4)
     with libdjinn.connect(limited.socket, timeout=30) as djinn:
         s = djinn.session()
         trace = iter(s.trace(prompt_ids=p, breakpoints=[1], max_new_tokens=4, ignore_eos=True))
         bp = next(trace)
-        shm = posix_ipc.SharedMemory(bp._mapped.desc["segment"])
-        os.ftruncate(shm.fd, 0)
-        shm.close_fd()
-        with pytest.raises(libdjinn.BadRequest, match="truncated"):
-            bp.resume()
+        with pytest.raises(PermissionError):
+            os.ftruncate(bp._mapped.fd, 0)
         trace.close()                                 # abandoned: cancelled in the daemon
         assert limited.alive()
         assert s.generate(prompt_ids=p, max_new_tokens=4, ignore_eos=True).tokens == hf_greedy(hf_tiny, p, 4)
@@ -586,6 +585,51 @@ def test_segments_have_quotas_per_connection_and_per_uid(small, hf_tiny):
     assert c.session().generate(prompt_ids=p, max_new_tokens=3, ignore_eos=True).tokens == hf_greedy(hf_tiny, p, 3)
     b.close()
     c.close()
+
+
+# ---- round 3, finding 4: shared memory no client can shrink or rewrite -----------------------------
+def refuses_every_change(fd: int, size: int):
+    """Each way a same-user process could shrink, grow or write a segment, on its descriptor and on a
+    read-write reopening through /proc (seals hold for every descriptor of the file)."""
+    reopened = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    try:
+        for target in (fd, reopened):
+            for attempt in (lambda f: os.ftruncate(f, 0), lambda f: os.ftruncate(f, size + 4096),
+                            lambda f: os.pwrite(f, b"\0" * 64, 0), lambda f: mmap.mmap(f, size),
+                            lambda f: os.posix_fallocate(f, 0, size + 4096)):
+                with pytest.raises(PermissionError):
+                    attempt(target)
+    finally:
+        os.close(reopened)
+
+
+def test_no_client_can_shrink_or_rewrite_the_daemons_shared_memory(small, hf_tiny):
+    """Round 3, finding 4: the CPU weights export and the logits are sealed memfds (no /dev/shm name;
+    their descriptors come over the socket): truncating, growing or writing them fails for the client
+    (a truncated weights segment made the next generate die of SIGBUS, and any same-user process could
+    rewrite the weights); a pause's activations may be edited but never resized."""
+    [p] = prompts(11, seed=25)
+    with libdjinn.connect(small.socket, timeout=30) as djinn:
+        named = [n for n in os.listdir("/dev/shm") if n.startswith(f"djinn-{small.proc.pid}-")]
+        assert not [n for n in named if "-weights-" in n or "-act-" in n], named
+        weights = djinn.request("attach_weights")
+        refuses_every_change(weights["fd"], weights["nbytes"])
+        logits = djinn.request("forward", input_ids=[p])["logits"]
+        refuses_every_change(logits["fd"], os.fstat(logits["fd"]).st_size)
+        s = djinn.session()
+        trace = iter(s.trace(prompt_ids=p, breakpoints=[1], max_new_tokens=4, ignore_eos=True))
+        bp = next(trace)
+        size = os.fstat(bp._mapped.fd).st_size
+        for attempt in (lambda: os.ftruncate(bp._mapped.fd, 0), lambda: os.ftruncate(bp._mapped.fd, size * 2)):
+            with pytest.raises(PermissionError):
+                attempt()
+        bp.hidden.mul_(1.0)                   # editing in place is the point of a pause
+        bp.resume()
+        assert list(trace) == [] and small.alive()
+        assert s.generate(prompt_ids=p, max_new_tokens=4, ignore_eos=True).tokens == \
+            hf_greedy(hf_tiny, p + hf_greedy(hf_tiny, p, 4) + p, 4)
+        for fd in (weights["fd"], logits["fd"]):
+            os.close(fd)
 
 
 # ---- round 3, finding 6: the front's stop matcher ------------------------------------------------

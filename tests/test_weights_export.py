@@ -3,6 +3,7 @@ are the daemon's shared memory (mapped read-only, no copy), hf_model() and Ghost
 daemon's own logits and tokens, a killed attached process leaves nothing behind, and a daemon
 without an export says why."""
 import dataclasses
+import fcntl
 import json
 import os
 import signal
@@ -178,14 +179,15 @@ def test_packing_makes_every_parameter_a_view_of_one_private_segment():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flat = pack_weights(model)
     assert isinstance(flat, FlatWeights)
-    path = f"/dev/shm{flat.shm.name}"
     try:
         base = flat.buffer.data_ptr()
         for p in model.parameters():
             assert base <= p.data_ptr() < base + flat.nbytes and (p.data_ptr() - base) % ALIGN == 0
         assert model.lm_head.weight is model.model.embed_tokens.weight
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-        assert os.stat(path).st_mode & 0o777 == 0o600 and len(flat.shm.name.rsplit("-", 1)[1]) == 32
+        seals = fcntl.fcntl(flat.shm.fd, fcntl.F_GET_SEALS)      # a memfd nobody can resize or write
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SEAL
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"djinn-{os.getpid()}-weights")]
         offsets = {name: offset for name, offset, _, _ in flat.layout}
         assert offsets["lm_head.weight"] == offsets["model.embed_tokens.weight"]
     finally:

@@ -61,7 +61,7 @@ class BreakpointRunner:
         if not pending:
             return STOPPED if stop_at is not None else self.runner.sample_next([s], h, meta)[0]
         copied = time.perf_counter()
-        segment = ActivationSegment(h.shape, h.dtype, self.quota, s.owner)
+        segment = ActivationSegment(h.shape, h.dtype, self.quota, s.owner, share="edit")
         segment.write(h)                        # device -> shared memory: the handoff
         self.metrics.observe_ms("breakpoint_handoff_out", (time.perf_counter() - copied) * 1e3)
         s.paused = PausedForward(pending[0], pending[1:], segment, step)

@@ -53,7 +53,7 @@ class GhostForwards:
         return self.runner.model.logits(h)
 
     def _publish(self, owner: int, logits: torch.Tensor) -> dict:
-        segment = ActivationSegment(logits.shape, torch.float32, self.quota, owner)
+        segment = ActivationSegment(logits.shape, torch.float32, self.quota, owner, share="read")
         segment.write(logits)                  # device -> shared memory (synchronizes before the blocks go back)
         self.segments[owner] = segment
         return segment.descriptor()

@@ -31,7 +31,7 @@ class WeightExports:
         flat = self._exported()
         self.attachments.setdefault(owner, Attachment(pid, flat.nbytes))
         return {"layout_version": LAYOUT_VERSION, "device": str(flat.device), "nbytes": flat.nbytes,
-                "tensors": flat.layout, "config": self.loaded.model.args.to_hf(), **flat.handle()}
+                "tensors": flat.layout, "config": self.loaded.model.args.to_hf(), **flat.share()}
 
     def _exported(self) -> FlatWeights:
         flat = self.loaded.flat_weights

@@ -1,10 +1,14 @@
-"""Activation segments: hidden states of a paused forward, in POSIX shared memory the client maps.
+"""Activation segments: hidden states of a paused forward (or logits), in shared memory the client maps.
 
-One segment per pause, named for this daemon with an unguessable suffix and created exclusively,
-readable and writable by the daemon's uid only, unlinked when the forward resumes. The daemon
-never maps a segment: it writes and reads through a file descriptor (pwrite/preadv), so a client
-that shrinks or replaces the segment gets an error for its own request, never a SIGBUS here.
+Sealed segments (share "edit" or "read") are memfds that have no name: the client gets the file
+descriptor beside the reply (SCM_RIGHTS), and seals stop anyone from shrinking or growing them
+("read": from writing them too, once the daemon wrote them). Named segments ("name", for callers
+that hand out a name) live in /dev/shm, unguessable and 0600, unlinked when done. The daemon never
+maps a segment: it writes and reads through a file descriptor (pwrite/preadv), so no client can
+make it SIGBUS.
 """
+import contextlib
+import fcntl
 import os
 import secrets
 from collections import Counter
@@ -13,6 +17,7 @@ import posix_ipc
 import torch
 
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
 
 class SegmentError(ValueError):
@@ -54,40 +59,60 @@ class SegmentQuota:
 
 
 class ActivationSegment:
-    def __init__(self, shape: tuple, dtype, quota: SegmentQuota | None = None, owner: int | None = None):
-        """quota, owner: charge the segment to this connection (QuotaExceeded past its caps)."""
+    def __init__(self, shape: tuple, dtype, quota: SegmentQuota | None = None, owner: int | None = None,
+                 share: str = "name"):
+        """quota, owner: charge the segment to this connection (QuotaExceeded past its caps). share:
+        "edit" (sealed, the client may write), "read" (sealed, read-only once written) or "name"."""
         self.shape, self.dtype = tuple(shape), dtype
         self.nbytes = max(torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size(), 1)
         self.charged = None
         if quota is not None:
             quota.charge(owner, self.nbytes)
             self.charged = (quota, owner)
-        self.name = f"/djinn-{os.getpid()}-act-{secrets.token_hex(12)}"
-        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600)
+        self.share, self.fd = share, None
+        if share == "name":
+            self.name = f"/djinn-{os.getpid()}-act-{secrets.token_hex(12)}"
+            shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600)
+            fd = shm.fd
+        else:
+            self.name = f"memfd:djinn-act-{secrets.token_hex(4)}"
+            fd = self.fd = os.memfd_create(self.name[6:], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.posix_fallocate(shm.fd, 0, self.nbytes)   # tmpfs full: an error now, not a SIGBUS later
+            os.posix_fallocate(fd, 0, self.nbytes)   # tmpfs full: an error now, not a SIGBUS later
         except OSError as e:
             self.close()
-            raise MemoryError(f"/dev/shm cannot hold {self.nbytes} bytes of activations: {e}") from None
+            raise MemoryError(f"shared memory cannot hold {self.nbytes} bytes of activations: {e}") from None
         finally:
-            shm.close_fd()
+            if share == "name":
+                shm.close_fd()
+        if self.fd is not None:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SIZE_SEALS | (fcntl.F_SEAL_SEAL if share == "edit" else 0))
 
     def descriptor(self) -> dict:
-        return {"segment": self.name, "offset": 0, "shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype]}
+        """What the client maps; a sealed segment's "fd" is a duplicate the server sends and closes."""
+        desc = {"segment": self.name, "offset": 0, "shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype]}
+        if self.fd is not None:
+            desc |= {"fd": os.dup(self.fd), "writable": self.share == "edit"}
+        return desc
 
     def write(self, hidden: torch.Tensor):
         data = hidden.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
-        with _opened(self.name) as fd:
+        with self._opened() as fd:
             done = 0
             while done < len(data):
                 done += os.pwrite(fd, data[done:], done)
+        if self.share == "read":               # nobody writes it after us
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+
+    def _opened(self):
+        return contextlib.nullcontext(self.fd) if self.fd is not None else _opened(self.name)
 
     def read(self) -> torch.Tensor:
         """The (maybe edited) hidden states, copied out; SegmentError if the client broke the segment."""
         buf = torch.empty(self.nbytes, dtype=torch.uint8)
         view, done = buf.numpy(), 0
         try:
-            with _opened(self.name) as fd:
+            with self._opened() as fd:
                 while done < self.nbytes:
                     n = os.preadv(fd, [view[done:]], done)
                     if n == 0:
@@ -105,6 +130,10 @@ class ActivationSegment:
             quota, owner = self.charged
             quota.release(owner, self.nbytes)
             self.charged = None
+        if self.fd is not None:
+            os.close(self.fd)                  # the clients' copies keep the memory while they map it
+            self.fd = None
+            return
         try:
             posix_ipc.unlink_shared_memory(self.name)
         except posix_ipc.ExistentialError:

@@ -1,18 +1,18 @@
 """FlatWeights: every parameter of a loaded model packed into one flat device buffer, so the whole set
 is exported at once: one CUDA IPC handle on GPU (per-tensor handles cost ~1 ms each to open), one
-POSIX shm segment on CPU. Parameters are re-pointed to views of the buffer once, at start-up, so
+sealed memfd on CPU. Parameters are re-pointed to views of the buffer once, at start-up, so
 their addresses never change afterwards (CUDA graphs captured later stay valid) and tied weights
 stay tied (the same Parameter is re-pointed once).
 
     buffer: | param 0 | pad to 256 B | param 1 | pad | ... |      (offsets in `layout`)
 """
+import fcntl
 import mmap
 import os
 import secrets
 import weakref
 from dataclasses import dataclass
 
-import posix_ipc
 import torch
 
 from djinnd.model.llama import hf_state_dict
@@ -32,28 +32,33 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _unlink(name: str):
-    try:
-        posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
-        pass
+F_SEAL_FUTURE_WRITE = 0x10   # Linux 5.1: no new writable mapping, no write(); ours stays writable
 
 
 class ShmBuffer:
-    """A uint8 tensor over a fresh POSIX shm segment: 0600, a name nobody can guess, unlinked on close
-    (and, after a crash, by the daemon's stale-segment sweep: the name starts with djinn-<pid>-)."""
+    """A uint8 tensor over a memfd: no name in /dev/shm to open, and once sealed nobody can shrink, grow
+    or write it (a truncation made the next generate die of SIGBUS); attached processes get a file
+    descriptor beside the reply (SCM_RIGHTS) and can only map it read-only."""
 
     def __init__(self, nbytes: int, shm_dir: str = "/dev/shm"):
         free = _shm_free_bytes(shm_dir)
         if free is not None and free < nbytes:   # writing past what tmpfs holds is a SIGBUS, not an error
             raise MemoryError(f"{shm_dir} has {free / 2**20:,.0f} MiB free; the weights need "
                               f"{nbytes / 2**20:,.0f} MiB (grow it, or set export_weights: false)")
-        self.name = f"/djinn-{os.getpid()}-weights-{secrets.token_hex(16)}"
-        shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=max(nbytes, 1))
-        self._map = mmap.mmap(shm.fd, max(nbytes, 1))
-        shm.close_fd()
+        self.name = f"memfd:djinn-weights-{secrets.token_hex(4)}"
+        self.fd = os.memfd_create(self.name[6:], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, max(nbytes, 1))
+        self._map = mmap.mmap(self.fd, max(nbytes, 1))
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8, count=nbytes)
-        self._finalizer = weakref.finalize(self, _unlink, self.name)
+        self._finalizer = weakref.finalize(self, os.close, self.fd)
+
+    def seal(self):
+        """After packing: sizes fixed for everyone, contents fixed for everyone but our own mapping."""
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals | F_SEAL_FUTURE_WRITE)
+        except OSError:           # before Linux 5.1: size seals only; attached maps are PROT_READ anyway
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, seals)
 
     def close(self):
         self._finalizer()         # the mapping itself lives as long as the parameters viewing it
@@ -87,6 +92,8 @@ class FlatWeights:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()  # the unpacked copies go back to the driver before the KV pool is sized
+        if self.shm:
+            self.shm.seal()
         self.layout = self._layout(model)
         self.cuda_ipc = None      # made at the first attach: an IPC handle pins the buffer for the process's life
 
@@ -107,6 +114,11 @@ class FlatWeights:
         if self.cuda_ipc is None:
             self.cuda_ipc = list(self.buffer.untyped_storage()._share_cuda_())
         return {"kind": "cuda_ipc", "ipc": self.cuda_ipc}
+
+    def share(self) -> dict:
+        """handle() for one attaching process: on CPU with a duplicate of the memfd, which the server
+        sends beside the reply and closes."""
+        return self.handle() | ({"fd": os.dup(self.shm.fd)} if self.shm else {})
 
     def close(self):
         if self.shm:

@@ -5,13 +5,14 @@ Ownership is checked by the engine (a session remembers the connection that open
 """
 import math
 import os
-from collections import Counter
+import socket
+from collections import Counter, deque
 
 from djinnd.engine import commands as cmd
 from djinnd.server import intervention_fields
 from djinnd.server.text import ChatState, Detokenizer, chat_record_reply, chat_turn, check_messages
 from djinnd.session import SamplingParams
-from libdjinn.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, encode_frame, error_reply
+from libdjinn.protocol import PROTOCOL_VERSION, ErrorCode, ProtocolError, encode_frame, error_reply, take_fds
 
 
 FINAL = ("result", "done", "error")
@@ -39,6 +40,8 @@ class Connection:
         self.pending: Counter = Counter()       # request id -> requests awaiting their final reply
         self.reports = 0                        # status/swaps/timeline awaiting their reply
         self.on_overflow = None                 # called once the client leaves too much unread
+        self.behind_fds: deque = deque()        # (frame, fds) waiting to go out in order, fds first
+        self.raw = None                         # our copy of the socket, for sendmsg
 
     def send(self, message: dict, counted: bool = True):
         """counted: the message answers a request handle() counted (False: refused before that)."""
@@ -46,12 +49,48 @@ class Connection:
             self.pending[message["id"]] -= 1
             if not self.pending[message["id"]]:
                 del self.pending[message["id"]]
+        fds = take_fds(message)
         if self.writer.is_closing():
+            _close_all(fds)
             return
+        if fds or self.behind_fds:
+            self.behind_fds.append((encode_frame(message), fds))
+            return self._send_with_fds()
         self.writer.write(encode_frame(message))
         unread = self.writer.transport.get_write_buffer_size()
         if self.limits and unread > self.limits.max_unread_reply_mb * 2**20 and self.on_overflow:
             self.on_overflow(unread)
+
+    def _send_with_fds(self):
+        """Frames carrying file descriptors go out by sendmsg once the transport's buffer is empty (the
+        descriptors ride on the frame's first bytes); frames after them wait their turn."""
+        while self.behind_fds:
+            if self.writer.is_closing():
+                return self.closed()
+            if self.writer.transport.get_write_buffer_size():
+                return self.loop.call_later(0.001, self._send_with_fds)
+            frame, fds = self.behind_fds[0]
+            if fds:
+                self.raw = self.raw or socket.socket(fileno=os.dup(self.writer.get_extra_info("socket").fileno()))
+                try:
+                    sent = socket.send_fds(self.raw, [frame], fds)
+                except BlockingIOError:
+                    return self.loop.call_later(0.001, self._send_with_fds)
+                except OSError:
+                    return self.closed()
+                _close_all(fds)
+                frame = frame[sent:]
+            self.behind_fds.popleft()
+            if frame:
+                self.writer.write(frame)
+
+    def closed(self):
+        """The connection is gone: descriptors not sent yet are closed."""
+        while self.behind_fds:
+            _close_all(self.behind_fds.popleft()[1])
+        if self.raw:
+            self.raw.close()
+            self.raw = None
 
     def relay(self, on_event):
         """A reply callable for the engine thread: runs on_event on this loop."""
@@ -285,6 +324,11 @@ def check_input_ids(rows) -> list[list[int]]:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "forward: input_ids must be [[token, ...], ...]: "
                             "non-empty rows of ints, all of one length (no padding)")
     return rows
+
+
+def _close_all(fds: list[int]):
+    for fd in fds:
+        os.close(fd)
 
 
 def _plain_int(x) -> bool:

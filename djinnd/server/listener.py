@@ -119,6 +119,7 @@ class Listener:
                     del held[key]
             self.inbox.put(cmd.ReleaseOwner(conn.id))
             writer.close()
+            conn.closed()
 
     def _refusal(self, uid: int, gid: int, pid: int) -> tuple[ErrorCode, str] | None:
         limits = self.config.server
