@@ -80,6 +80,7 @@ class EngineConfig:
     admission: str = "fifo"       # waiting requests by arrival (fifo), session age (program) or prompt left (shortest)
     admission_max_wait_ms: float = 5000.0  # program, shortest: past this wait a request goes in arrival order
     max_step_ms: float = 0.0      # while sessions decode, prompt chunks shrink so a step takes about this long (0: off)
+    mixed_steps: bool = False     # a step that decodes and feeds prompts runs one forward (weights read once)
     tensor_parallel: int = 1      # ranks, one process and one GPU each, sharing each layer's heads and MLP columns
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ from djinnd.engine.runner import Runner
 from djinnd.engine.breakpoints import STOPPED, BreakpointRunner, check_layers
 from djinnd.engine.harvest import Harvester
 from djinnd.engine.ghost_forward import GhostForwards
+from djinnd.engine.mixed_step import can_mix, run_mixed
 from djinnd.engine.pager import Pager
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
@@ -314,6 +315,14 @@ class Engine:
         if not (decode or prefill or stepped):
             time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
         budget, started = self.scheduler.budget, time.perf_counter()   # budget learns what steps cost
+        if prefill and decode and self.config.engine.mixed_steps and can_mix(self.runner, decode, prefill):
+            pipelined, fed = not any(s.request.params.has_decode_breakpoints for s in decode), sum(n for _, n in prefill)
+            self._forward("mixed", decode + [s for s, _ in prefill],
+                          lambda: run_mixed(self.runner, decode, prefill, pipelined), len(decode))
+            self.metrics.inc("prompt_tokens", fed)
+            if budget.decode_s is not None:   # the step's time past a decode step's is the prompt's
+                budget.observe_prefill(fed, max(0.0, time.perf_counter() - started - budget.decode_s))
+            return
         if prefill:
             self._forward("prefill", [s for s, _ in prefill], lambda: zip(
                 [s for s, _ in prefill], self.runner.prefill(prefill)), sum(n for _, n in prefill))

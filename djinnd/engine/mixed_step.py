@@ -1,0 +1,84 @@
+"""One forward for a step that both decodes and feeds prompt chunks: the decode rows (persistent
+DecodeBatch state on the device) and the chunks' tokens go through the linear layers together, so
+the weights are read once; attention splits by kind (the paged decode kernel for the rows, prefill
+over the paged prefix for the chunks). Decode-only steps keep the CUDA-graph path; steps with
+steering, capture or tensor-parallel ranks keep two forwards.
+
+        rows of h:  [0, n) decode rows, one token each | [n, T) chunk tokens, session by session
+"""
+import torch
+
+from djinnd.engine.runner import LaunchedStep
+from djinnd.model.attention import ForwardContext, build_prefill_metadata, decode_attention_torch, prefill_attention
+from djinnd.model.attention import write_kv
+from djinnd.session import Session
+
+
+def can_mix(runner, decode: list[Session], chunks: list[tuple[Session, int]]) -> bool:
+    interventions = runner.interventions
+    return (getattr(runner, "mirror", None) is None and runner.model.streamer is None
+            and interventions.mode(decode) == "plain" and interventions.prefill_hook(chunks) is None)
+
+
+@torch.inference_mode()
+def run_mixed(runner, decode: list[Session], chunks: list[tuple[Session, int]], pipelined: bool) -> list:
+    """Launch one mixed step. Returns (session, token) pairs: the decode step launched before it (if
+    any), each chunk that ends its prompt, and, unless pipelined, this step's decode rows."""
+    for s in decode:
+        runner.seed(s)
+    runner.batch.sync(decode, runner.seeds)
+    n, rows = runner.batch.num_rows, list(runner.batch.sessions)
+    h, meta = _forward(runner, n, rows, chunks)
+    launched = _sample_rows(runner, n, rows, runner.model.logits(h[:n]))
+    ends = [i for i, (s, c) in enumerate(chunks) if c == s.num_new_tokens]
+    first = []
+    if ends:
+        last = meta.last_token_index[torch.tensor(ends, device=meta.last_token_index.device)] + n
+        first = list(zip([chunks[i][0] for i in ends], runner._sample([chunks[i][0] for i in ends], h[last])))
+    for s, c in chunks:
+        s.num_cached += c
+    previous, runner.in_flight = runner.in_flight, launched
+    out = (runner._collect(previous) if previous else []) + first
+    if not pipelined:
+        out += runner._collect(launched)
+        runner.in_flight = None
+    return out
+
+
+def _forward(runner, n: int, rows: list[Session], chunks):
+    b, pool, model, kernel = runner.batch, runner.pool, runner.model, runner.decoder.kernel
+    bs = pool.block_size
+    meta = build_prefill_metadata([c for _, c in chunks], [s.num_cached + c for s, c in chunks],
+                                  [s.block_table for s, _ in chunks], bs, runner.device)
+    ids = torch.tensor([t for s, c in chunks for t in s.tokens[s.num_cached:s.num_cached + c]])
+    positions, tables = b.positions[:n], b.block_tables[:n]
+    slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
+    context_lens = (positions + 1).to(torch.int32)
+    width = None if kernel else pool.blocks_for(max(len(s.tokens) for s in rows) + 1)
+
+    def attend(q, k, v, k_cache, v_cache):
+        write_kv(k[:n], v[:n], k_cache, v_cache, slots)
+        if kernel:
+            rows_out = kernel(q[:n], k_cache, v_cache, tables, context_lens)
+        else:
+            rows_out = decode_attention_torch(q[:n], k_cache, v_cache, tables, context_lens, width)
+        return torch.cat([rows_out, prefill_attention(q[n:], k[n:], v[n:], k_cache, v_cache, meta)])
+
+    h = model.embed(torch.cat([b.input_ids[:n], ids.to(runner.device, non_blocking=True)]))
+    cos, sin = model.rope(torch.cat([positions, meta.positions]), h.dtype)
+    return model.run_layers(h, ForwardContext(cos, sin, attend, runner.decoder.fused), pool.k, pool.v), meta
+
+
+def _sample_rows(runner, n: int, rows: list[Session], logits) -> LaunchedStep:
+    """As a decode step does: positions advance, the sampled ids become the rows' next input."""
+    b = runner.batch
+    b.positions[:n] += b.is_live[:n]
+    ids = b.sampling.sample(logits, b.positions[:n], n)
+    b.input_ids[:n] = ids
+    host = runner.host_ids[runner._flip][:n]
+    runner._flip ^= 1
+    host.copy_(ids, non_blocking=True)
+    done = torch.cuda.Event() if runner.is_cuda else None
+    if done is not None:
+        done.record()
+    return LaunchedStep(rows, [s.request for s in rows], host, done)
