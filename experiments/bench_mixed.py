@@ -1,6 +1,7 @@
 """Mixed load: N sessions decoding while long prompts arrive, one after another. Decode TPOT p50/p99
 while prompts arrive against decode alone, and prefill tokens/s meanwhile against prefill alone, for
-each step-time budget (max_step_ms; 0: off) on one in-process engine each, in the same run.
+each step-time budget (max_step_ms; 0: off), with one forward per mixed step or two (mixed_steps),
+on one in-process engine each, in the same run.
 
     python experiments/bench_mixed.py --model random:llama-3.1-8b --sessions 32 --context 1024 \
         --prompt-len 32768 --arrivals 3 --max-step-ms 0,15,30,60
@@ -72,9 +73,10 @@ def prefill_s(client, prompt) -> float:
     return time.perf_counter() - started
 
 
-def measure(a, max_step_ms: float) -> dict:
+def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     engine = build_engine(load_config(None, {"model": a.model, "device": a.device, "kv_cache_mb": a.kv_cache_mb,
-                                             "max_num_seqs": a.sessions + 1, "max_step_ms": max_step_ms}))
+                                             "max_num_seqs": a.sessions + 1, "max_step_ms": max_step_ms,
+                                             "mixed_steps": mixed_steps}))
     engine.start()
     client, vocab = LocalClient(engine), engine.loaded.model.args.vocab_size
     prefill_s(client, tokens(min(a.prompt_len, 4096), vocab, 1))                     # warm-up
@@ -100,10 +102,10 @@ def measure(a, max_step_ms: float) -> dict:
                      "prefill_tps": a.arrivals * a.prompt_len / (ended - started),
                      "decode_tps": len(mixed_gaps) / (ended - started), "window_s": ended - started,
                      "steps_ended_early": any(len(t) >= a.max_new_tokens for t in mixed)},
-           "budget": engine.scheduler.budget.status()}
+           "budget": engine.scheduler.budget.status(), "mixed_steps": engine.metrics.counters.get("mixed_steps", 0)}
     row["tpot_p99_vs_alone"] = row["mixed"]["tpot_p99_ms"] / row["decode_alone"]["tpot_p99_ms"]
     row["prefill_share_of_alone"] = row["mixed"]["prefill_tps"] / row["prefill_alone_tps"]
-    print(f"  max_step_ms {max_step_ms}: {json.dumps(row)}", flush=True)
+    print(f"  max_step_ms {max_step_ms} mixed_steps {mixed_steps}: {json.dumps(row)}", flush=True)
     return row
 
 
@@ -119,11 +121,13 @@ def main():
     p.add_argument("--prompt-len", type=int, default=32768, help="tokens of each arriving prompt")
     p.add_argument("--arrivals", type=int, default=3)
     p.add_argument("--max-step-ms", default="0,15,30,60", help="step-time budgets to compare (0: off)")
+    p.add_argument("--mixed-steps", default="0,1", help="one forward per mixed step: off (0), on (1), or both")
     p.add_argument("--out", default="results/bench_mixed.json")
     a = p.parse_args()
     budgets = [float(x) for x in a.max_step_ms.split(",")]
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else a.device
-    runs = {str(ms): measure(a, ms) for ms in budgets}
+    runs = {f"{ms:g} {'mixed' if mixed else 'split'}": measure(a, ms, bool(mixed))
+            for ms in budgets for mixed in [int(x) for x in a.mixed_steps.split(",")]}
     report = {**stamp(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "model": a.model, "sessions": a.sessions, "context": a.context,
               "prompt_len": a.prompt_len, "arrivals": a.arrivals, "runs": runs}
@@ -136,11 +140,11 @@ def main():
 def print_table(r):
     print(f"\n{r['model']} on {r['device']} (torch {r['torch']}, {r['date']}): {r['sessions']} sessions decoding at "
           f"{r['context']} tokens while {r['arrivals']} prompts of {r['prompt_len']} tokens arrive")
-    print(f"{'max_step_ms':>11} {'alone p50/p99':>15} {'mixed p50/p99':>15} {'p99 x alone':>11} "
+    print(f"{'max_step_ms forward':>19} {'alone p50/p99':>15} {'mixed p50/p99':>15} {'p99 x alone':>11} "
           f"{'prefill tok/s':>13} {'of alone':>8}")
     for ms, x in r["runs"].items():
         al, mx = x["decode_alone"], x["mixed"]
-        print(f"{ms:>11} {al['tpot_p50_ms']:>7.1f}/{al['tpot_p99_ms']:<7.1f} {mx['tpot_p50_ms']:>7.1f}/"
+        print(f"{ms:>19} {al['tpot_p50_ms']:>7.1f}/{al['tpot_p99_ms']:<7.1f} {mx['tpot_p50_ms']:>7.1f}/"
               f"{mx['tpot_p99_ms']:<7.1f} {x['tpot_p99_vs_alone']:>11.2f} {mx['prefill_tps']:>13.0f} "
               f"{100 * x['prefill_share_of_alone']:>7.0f}%")
 
