@@ -48,14 +48,26 @@ def test_the_victim_itself_is_dropped_when_it_is_the_cheapest_to_lose():
     assert soon.kv is KVPlace.HOST and sooner.kv is KVPlace.HOST
 
 
-def test_among_returns_unknown_the_shortest_context_goes_first():
-    """Recompute cost grows with length."""
+def test_idle_sessions_away_as_long_lose_the_shortest_context_first():
+    """Recompute cost grows with length; a return not known is expected in as long again as the
+    session has been away."""
     pager = scheduler_of(pool_of(12), "semantic", host_blocks=6).pager
     long, short = hold(pager, 1, 16), hold(pager, 2, 8)
+    long.last_used = short.last_used = time.monotonic() - 10
     to_host(pager, long, short)
-    victim = hold(pager, 3, 8, expected_s=10)
+    victim = hold(pager, 3, 8, expected_s=5)
     assert pager.evict(victim, "pressure")
     assert (short.kv, long.kv, victim.kv) == (KVPlace.DROPPED, KVPlace.HOST, KVPlace.HOST)
+
+
+def test_a_session_that_just_finished_a_turn_is_not_dropped_before_one_idle_for_long():
+    pager = scheduler_of(pool_of(8), "semantic", host_blocks=2).pager
+    stale = hold(pager, 1, 8)
+    stale.last_used = time.monotonic() - 600
+    to_host(pager, stale)
+    just_done = hold(pager, 2, 4)           # shorter, but its agent is about to send the next turn
+    assert pager.evict(just_done, "pressure")
+    assert (stale.kv, just_done.kv) == (KVPlace.DROPPED, KVPlace.HOST)
 
 
 def test_lru_drops_the_least_recently_used():

@@ -104,10 +104,12 @@ def droppable_from_host(s: Session) -> bool:
 
 
 def drop_cost(s: Session, now: float) -> tuple:
-    """What losing s's KV costs: its tokens to prefill again per second of notice before it is
-    expected back (a return that is far away or unknown leaves time to recompute off the critical
-    path), then its length. Furthest return and shortest context are cheapest."""
-    slack = returns_at(s) - now
+    """What losing s's KV costs: its tokens to prefill again per second before it is expected back,
+    then its length, so the furthest return and the shortest context are cheapest. A return not
+    known (idle, or a tool call of no known duration) is expected in as long again as the session
+    has been away: one that has just finished a turn is about to come back."""
+    back = returns_at(s) if s.phase is Phase.IO_WAIT else math.inf
+    slack = back - now if back < math.inf else now - (s.io_wait_since or s.last_used)
     return (len(s.tokens) / slack if slack > 0 else math.inf, len(s.tokens))
 
 
