@@ -156,3 +156,15 @@ def test_decode_after_long_prompts_gives_the_torch_paths_tokens():
     assert fast.runner.decoder.graphs, "no CUDA graphs were captured"
     _, out_eager = engine_tokens({"cuda_graphs": False, "attention": "torch"}, prompts, 16)
     assert out_fast == out_eager
+
+
+def test_split_kernel_reads_an_fp8_cache():
+    """bf16 queries over an fp8_e4m3 cache: the kernel equals the torch path on the same cache, and
+    the bf16 cache's output within fp8 precision."""
+    q, k_cache, v_cache, tables, ctx, width = ragged_case([1, 700, 9000], 8, 4, torch.bfloat16)
+    k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+    splits = num_splits_for(3, 8, 16384, NUM_SMS)
+    out = paged_decode_attention(q, k8, v8, tables, ctx, splits)
+    same_cache = decode_attention_torch(q.double(), k8, v8, tables, ctx, width)
+    full = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
+    assert rel_err(out, same_cache) < TOL[torch.bfloat16] and rel_err(out, full) < 0.05

@@ -24,9 +24,19 @@ class ForwardContext:
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """k/v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D]."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    """k/v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D]; an fp8
+    cache stores them saturated to its range (e4m3 has no inf: an overflow would be NaN)."""
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        if cache.dtype != x.dtype:
+            top = torch.finfo(cache.dtype).max
+            x = x.clamp(-top, top).to(cache.dtype).view(torch.uint8)     # fp8 has no index_copy_: copy bytes
+            cache = cache.view(torch.uint8)
+        cache.view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, x)
+
+
+def read_kv(x, dtype):
+    """Gathered cache rows in the compute dtype (an fp8 cache is read as its values, scale 1)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 @dataclass
@@ -63,8 +73,8 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: PrefillMetadata):
             ki, vi, mask, causal = k[start:start + q_len], v[start:start + q_len], None, True
         else:
             blocks = meta.block_tables[i, :-(-ctx // meta.block_size)]
-            ki = k_cache[blocks].flatten(0, 1)[:ctx]                             # [ctx, Hkv, D]
-            vi = v_cache[blocks].flatten(0, 1)[:ctx]
+            ki = read_kv(k_cache.index_select(0, blocks).flatten(0, 1)[:ctx], q.dtype)   # [ctx, Hkv, D]
+            vi = read_kv(v_cache.index_select(0, blocks).flatten(0, 1)[:ctx], q.dtype)
             mask, causal = causal_lower_right(q_len, ctx), False
         ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]
         if mask is not None and qi.is_cuda and qi.dtype in (torch.float16, torch.bfloat16) and qi.shape[-1] <= 256:
@@ -89,8 +99,8 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, num_
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     tables = block_tables[:, :num_blocks].reshape(-1)     # index_select: on CPU a 2-D index is 100x slower
-    keys = k_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, tables).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    keys = read_kv(k_cache.index_select(0, tables), q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = read_kv(v_cache.index_select(0, tables), q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     if batch == 1 and not q.is_cuda:    # one session on CPU: cut at its length (free to read), no mask ops
         n = int(context_lens[0])
         return F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :n], values[:, :, :n],
