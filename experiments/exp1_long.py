@@ -113,7 +113,8 @@ def jobs(a, n: int, vocab: int) -> list[dict]:
     """The same agents for every policy; arrive_s: when each starts after the run's start."""
     rng, t, out = random.Random(a.seed), 0.0, []
     for i in range(n):
-        t = i * min(a.stagger_s, a.duration_s / 3 / n) if a.arrivals == "closed" else t + rng.expovariate(a.rate / a.time_scale)
+        closed = a.arrivals == "closed"
+        t = i * min(a.stagger_s, a.duration_s / 3 / n) if closed else t + rng.expovariate(a.rate / a.time_scale)
         out.append({"seed": a.seed * 100003 + i, "arrive_s": t, "vocab": vocab, "context": a.context,
                     "new_tokens": a.new_tokens, "growth": [a.growth_min, a.growth_max], "max_context": a.max_context,
                     "tool_median_s": a.tool_median, "tool_sigma": a.tool_sigma, "tool_cap_s": a.tool_cap,

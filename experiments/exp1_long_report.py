@@ -145,13 +145,15 @@ def print_table(result: dict):
           f"{result['date'][:10]}, commit {result['git']}; pool {size(m['kv_pool_bytes'])}, arena "
           f"{size(m['host_arena_bytes'])}; {a['arrivals']} arrivals, {a['duration_s']:.0f} s per N, "
           f"time scale {a['time_scale']}")
-    print("TTFT and queue in ms; ctx: longest context; xpool: the agents' KV at the end over the pool; out/in: KV copied to/from the host; recS: GPU seconds recomputing dropped KV; "
-          "pool: share of samples with the pool 85% full; arena: its peak; PCIe, GPU: busy share")
+    print("TTFT and queue in ms; ctx: longest context; xpool: the agents' KV at the end over the pool;\n"
+          "out/in: KV copied to/from the host; recS: GPU seconds recomputing dropped KV; pool: share of\n"
+          "samples with the pool 85% full; arena: its peak; PCIe, GPU: busy share")
     print(HEADER)
     for r in result["rows"]:
         print(line(r) + (f"  tokens {r['turns_equal']}/{r['turns_compared']}" if "turns_compared" in r else ""))
     for slo, by_policy in result["largest_n"].items():
-        print(f"largest N with p99 resumed TTFT <= {float(slo):.0f} ms: " + ", ".join(f"{p} {n}" for p, n in by_policy.items()))
+        print(f"largest N with p99 resumed TTFT <= {float(slo):.0f} ms: "
+              + ", ".join(f"{p} {n}" for p, n in by_policy.items()))
     for p, o in result["ran_out"].items():
         print(f"{p}: at N={o['largest_n']} ran out: {o['at'] or '-'}"
               + (f"; at N={o['next_n']}: {o['beyond']}" if o["next_n"] else ""))
