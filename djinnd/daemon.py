@@ -10,9 +10,10 @@ import torch
 from djinnd.engine.engine import Engine
 from djinnd.engine.streamer import attach_streamer, load_device
 from djinnd.engine.status import memory_probe
+from djinnd.engine.tp_ranks import Ranks, startup_problem
 from djinnd.memory.block_pool import KVBlockPool
 from djinnd.memory.host_arena import HostArena, sweep_stale_segments
-from djinnd.model.flat_weights import pack_weights
+from djinnd.model.flat_weights import Unexported, pack_weights
 from djinnd.model.loader import load_model, model_args
 from djinnd.metrics import TimelineSampler
 from djinnd import preflight
@@ -75,20 +76,60 @@ def build_engine(config) -> Engine:
         raise StartupError(f"--max-model-len {config.model.max_model_len} exceeds the model's context window "
                            f"of {args.window} tokens")
     streaming = config.memory.weights_budget_mb > 0
+    world = config.engine.tensor_parallel
+    ranks = start_ranks(config, args, device, dtype, streaming) if world > 1 else None
+    try:
+        engine = _build_engine(config, args, device, dtype, streaming, ranks)
+    except BaseException:
+        if ranks is not None:
+            ranks.close()
+        raise
+    engine.tp_ranks = ranks
+    return engine
+
+
+def _build_engine(config, args, device, dtype, streaming: bool, ranks) -> Engine:
+    world = 1 if ranks is None else ranks.world
     where = load_device(config.model.model, dtype, device) if streaming else device
     try:
-        loaded = load_model(config.model.model, config.model.seed, dtype, where)
+        loaded = load_model(config.model.model, config.model.seed, dtype, where, None if ranks is None else ranks.tp)
     except Exception as e:
         raise StartupError(f"--model {config.model.model}: cannot load it: {type(e).__name__}: {e}") from None
     if attach_streamer(loaded.model, config.memory, device) is None and where != device:
         loaded.model.to(device)       # it fits the budget after all
-    loaded.flat_weights = pack_weights(loaded.model, config.model.export_weights)
-    pool = KVBlockPool(args.num_layers, args.num_kv_heads, args.head_dim, config.memory.block_size,
-                       kv_budget_bytes(config, args, dtype, device), dtype, device)
+    loaded.flat_weights = pack_weights(loaded.model, config.model.export_weights) if ranks is None else Unexported(
+        f"tensor_parallel {world}: the weights are split across {world} ranks; attach (and hf_model()) serve one")
+    budget = kv_budget_bytes(config, args, dtype, device)
+    if ranks is not None:            # kv_cache_mb (and CPU's default) is the whole pool; each rank holds its heads
+        budget = budget / world if config.memory.kv_cache_mb or device.type != "cuda" else budget
+        budget = _or_startup_error(lambda: ranks.kv_budget(
+            budget, torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None))
+    pool = KVBlockPool(args.num_layers, args.num_kv_heads // world, args.head_dim, config.memory.block_size,
+                       budget, dtype, device)
     sweep_stale_segments()
-    arena = HostArena(int(config.memory.host_arena_mb * 2**20 // pool.block_bytes), pool.host_block_shape, dtype,
-                      pin=config.memory.pin_host_arena and device.type == "cuda")
+    arena = HostArena(int(config.memory.host_arena_mb * 2**20 // (pool.block_bytes * world)), pool.host_block_shape,
+                      dtype, pin=config.memory.pin_host_arena and device.type == "cuda")
+    if ranks is not None:
+        _or_startup_error(lambda: ranks.build(pool, arena, sum(p.numel() * p.element_size()
+                                                               for p in loaded.model.parameters())))
+        loaded.model.mirror = pool.mirror = ranks.mirror     # the runner, graphs and swapper announce their work
     return Engine(loaded, pool, arena, config, device)
+
+
+def start_ranks(config, args, device, dtype, streaming: bool) -> Ranks:
+    """Tensor parallelism: checks, then the worker ranks spawned and joined with this process (rank 0)."""
+    world = config.engine.tensor_parallel
+    why = startup_problem(world, args, device, streaming)
+    if why:
+        raise StartupError(why)
+    return _or_startup_error(lambda: Ranks(config, device, dtype, config.model.max_model_len or args.window))
+
+
+def _or_startup_error(fn):
+    try:
+        return fn()
+    except RuntimeError as e:
+        raise StartupError(str(e)) from None
 
 
 def run(config, path: str) -> int:
@@ -106,9 +147,14 @@ def run(config, path: str) -> int:
           f"context {engine.max_model_len} tokens; KV pool {pool.num_blocks} blocks of {pool.block_size} tokens = "
           f"{pool.num_blocks * pool.block_size:,} tokens ({pool.num_blocks * pool.block_bytes / 2**30:.2f} GiB)",
           flush=True)
+    if engine.tp_ranks is not None:
+        print(f"djinnd: tensor parallel over {engine.tp_ranks.world} ranks ({engine.tp_ranks.backend}); each holds "
+              f"{engine.pool.k.shape[3]} KV heads of every layer", flush=True)
     try:
         return asyncio.run(_serve(engine, config, path))
     finally:
+        if engine.tp_ranks is not None:
+            engine.tp_ranks.close()
         sweep_stale_segments(pid=os.getpid())    # whatever a paused session or a crash path left
 
 
@@ -122,6 +168,8 @@ async def _serve(engine: Engine, config, path: str) -> int:
         exit_code[0] = EXIT_ENGINE_DIED
         loop.call_soon_threadsafe(stop.set)
     engine.on_death, engine.heartbeat = engine_died, watchdog_feeder()
+    if engine.tp_ranks is not None:
+        engine.tp_ranks.watch(engine_died)        # a rank that dies stops the daemon, as the engine's death does
     engine.start()
     sampler = TimelineSampler(engine.metrics, lambda: memory_probe(engine), config.memory.timeline_period_ms / 1e3)
     sampler.start()

@@ -50,7 +50,7 @@ class GhostForwards:
     @torch.inference_mode()
     def _logits(self, sessions: list[Session]) -> torch.Tensor:
         h, _ = self.runner.forward([(s, len(s.tokens)) for s in sessions])
-        return self.runner.model.logits(h)
+        return self.runner.logits(h)
 
     def _publish(self, owner: int, logits: torch.Tensor) -> dict:
         segment = ActivationSegment(logits.shape, torch.float32, self.quota, owner, share="read")

@@ -29,6 +29,7 @@ class DecodeGraphs:
         if batch.interventions is not None:
             self.variants.update(steer={}, capture={})
         self.capture_s, self.graph_bytes = 0.0, 0
+        self.mirror = getattr(model, "mirror", None)    # tensor parallelism: the other ranks (engine/tp_mirror.py)
 
     @property
     def attention(self) -> str:
@@ -59,6 +60,8 @@ class DecodeGraphs:
         b.positions[:n] += b.is_live[:n]
 
     def run(self, n: int, num_blocks: int | None = None, mode: str = "plain") -> torch.Tensor:
+        if self.mirror is not None:
+            self.mirror.decode(self.batch, n, num_blocks, mode)
         graphs = self.variants.get(mode, {})
         bucket = next((size for size in sorted(graphs) if size >= n), None)
         if bucket is None:
@@ -72,6 +75,8 @@ class DecodeGraphs:
         if not self.use_graphs or self.model.streamer is not None:
             return
         assert self.batch.num_rows == 0, "capture only while every row is padding"
+        if self.mirror is not None:
+            self.mirror.capture()
         started, before = time.perf_counter(), torch.cuda.memory_reserved()
         pool = torch.cuda.graph_pool_handle()
         for mode, graphs in self.variants.items():   # unsteered batches replay graphs without the adds

@@ -39,6 +39,7 @@ class Runner:
         self._flip = 0
         self.in_flight: LaunchedStep | None = None     # a decode step whose tokens the host has not read
         self._layer_indexes: dict[tuple, torch.Tensor] = {}
+        self.mirror = getattr(model, "mirror", None)    # tensor parallelism: the other ranks (engine/tp_mirror.py)
 
     # ---- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -49,13 +50,15 @@ class Runner:
         sessions' steering and capture. Returns hidden states and metadata."""
         meta = build_prefill_metadata([n for _, n in chunks], [s.num_cached + n for s, n in chunks],
                                       [s.block_table for s, _ in chunks], self.pool.block_size, self.device)
+        after = after or self.interventions.prefill_hook(chunks)
+        if self.mirror is not None:
+            after = self.mirror.prefill(meta, chunks, hidden, start, stop, after)
         if hidden is None:
             ids = [t for s, n in chunks for t in s.tokens[s.num_cached:s.num_cached + n]]
             hidden = self.model.embed(torch.tensor(ids).to(self.device, non_blocking=True))
         cos, sin = self.model.rope(meta.positions, hidden.dtype)
         ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta),
                              self.decoder.fused)
-        after = after or self.interventions.prefill_hook(chunks)
         return self.model.run_layers(hidden, ctx, self.pool.k, self.pool.v, start, stop, after), meta
 
     @torch.inference_mode()
@@ -80,10 +83,16 @@ class Runner:
             s.num_cached = len(s.tokens)
         return tokens
 
+    def logits(self, h):
+        """Logits [N, vocab] of hidden states after the last layer (every rank gathers its vocabulary shard)."""
+        if self.mirror is not None:
+            self.mirror.logits(h)
+        return self.model.logits(h)
+
     def _sample(self, sessions: list[Session], h) -> list[int]:
         params = [s.request.params for s in sessions]
         to = dict(device=self.device)
-        return sample(self.model.logits(h), torch.tensor([p.temperature for p in params], **to),
+        return sample(self.logits(h), torch.tensor([p.temperature for p in params], **to),
                       torch.tensor([p.top_p for p in params], **to),
                       torch.tensor([self.seed(s) for s in sessions], dtype=torch.int64, **to),
                       torch.tensor([len(s.tokens) for s in sessions], **to),

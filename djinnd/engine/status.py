@@ -32,6 +32,7 @@ def engine_status(engine) -> dict:
         "counters": engine.metrics.snapshot(),
         "swaps": engine.metrics.swap_report(recent=5),
         "weights_export": engine.exports.status(),
+        "tensor_parallel": engine.tp_ranks.status() if getattr(engine, "tp_ranks", None) else None,
     }
 
 

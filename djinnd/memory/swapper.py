@@ -38,8 +38,11 @@ class Swapper:
         self.is_cuda = self.device.type == "cuda"
         self.streams = {d: torch.cuda.Stream(self.device) for d in ("out", "in")} if self.is_cuda else {}
         self.in_flight: list[Transfer] = []
+        self.mirror = getattr(pool, "mirror", None)     # tensor parallelism: each rank copies its heads too
 
     def swap_out(self, session: int, device_blocks: list[int], host_runs: list, cause: str) -> Transfer:
+        if self.mirror is not None:
+            self.mirror.swap_out(session, device_blocks, host_runs)
         t = Transfer(session, "out", cause, len(device_blocks) * self.arena.block_bytes)
         with self._on_stream("out", t):
             idx = self._index(device_blocks)
@@ -54,6 +57,8 @@ class Swapper:
 
     def swap_in(self, session: int, host_runs: list, device_blocks: list[int], cause: str, after=()) -> Transfer:
         """after: transfers (a swap-out of the same KV) this copy must follow."""
+        if self.mirror is not None:
+            self.mirror.swap_in(session, host_runs, device_blocks)
         t = Transfer(session, "in", cause, len(device_blocks) * self.arena.block_bytes)
         with self._on_stream("in", t, after):
             parts = [self.arena.blocks[s:s + n].to(self.device, non_blocking=True)

@@ -16,6 +16,18 @@ from djinnd.model.llama import FUSED, ModelArgs, _pieces, _vocab_rows
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor   # renamed in torch 2.13
 
 
+class RankLost(BaseException):
+    """A collective failed: a rank died, or the ranks fell out of step. They cannot go on together,
+    so this passes the engine's per-step fault boundary (which catches Exception) and stops it."""
+
+
+def _collective(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as e:
+        raise RankLost(f"a tensor-parallel collective failed: {' '.join(str(e).split())[:300]}") from None
+
+
 @dataclass(frozen=True)
 class TP:
     rank: int
@@ -23,18 +35,18 @@ class TP:
     group: object = None          # a torch.distributed process group; None: the default group
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x, group=self.group)
+        _collective(dist.all_reduce, x, group=self.group)
         return x
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x into every rank's x, in place."""
-        dist.broadcast(x, src=0, group=self.group)
+        _collective(dist.broadcast, x, src=0, group=self.group)
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[N, k] on each rank -> [N, world * k], rank 0's columns first."""
         parts = torch.empty((self.world * x.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
-        _all_gather(parts, x.contiguous(), group=self.group)
+        _collective(_all_gather, parts, x.contiguous(), group=self.group)
         return parts.view(self.world, *x.shape).permute(1, 0, 2).reshape(x.shape[0], -1)
 
 
