@@ -15,7 +15,9 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -54,6 +56,15 @@ def run(a, sharing: str) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def run_apart(sharing: str) -> dict:
+    """Each side in its own process, so the second starts on a clean device (its pool is sized from
+    the memory left free)."""
+    with tempfile.TemporaryFile("w+") as out:
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", sharing], stdout=out, check=True)
+        out.seek(0)
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 def measure(a, engine, client) -> dict:
@@ -101,8 +112,12 @@ def main():
     p.add_argument("--kv-cache-mb", type=float, default=0, help="0: the daemon's default (sized from free memory on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="")
+    p.add_argument("--only", choices=("user", "off"), help=argparse.SUPPRESS)   # one side, in a child process
     a = p.parse_args()
-    rows = {sharing: run(a, sharing) for sharing in ("user", "off")}
+    if a.only:
+        print("\n" + json.dumps(run(a, a.only)), flush=True)    # the last line: what the parent reads
+        return
+    rows = {sharing: run_apart(sharing) for sharing in ("user", "off")}
     same = rows["user"].pop("tokens") == rows["off"].pop("tokens")
     report = {**stamp(), "args": vars(a), "tokens_equal": same, "results": rows}
     if a.out:
