@@ -34,9 +34,12 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
         cache.view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, x)
 
 
-def read_kv(x, dtype):
-    """Gathered cache rows in the compute dtype (an fp8 cache is read as its values, scale 1)."""
-    return x if x.dtype == dtype else x.to(dtype)
+def gather_blocks(cache, blocks, dtype):
+    """Blocks [n, block_size, Hkv, D] of one layer's cache in the compute dtype; an fp8 cache (read
+    as its values, scale 1) is gathered as bytes, since CUDA has no fp8 index kernels."""
+    if cache.dtype == dtype:
+        return cache.index_select(0, blocks)
+    return cache.view(torch.uint8).index_select(0, blocks).view(cache.dtype).to(dtype)
 
 
 @dataclass
@@ -73,8 +76,8 @@ def prefill_attention(q, k, v, k_cache, v_cache, meta: PrefillMetadata):
             ki, vi, mask, causal = k[start:start + q_len], v[start:start + q_len], None, True
         else:
             blocks = meta.block_tables[i, :-(-ctx // meta.block_size)]
-            ki = read_kv(k_cache.index_select(0, blocks).flatten(0, 1)[:ctx], q.dtype)   # [ctx, Hkv, D]
-            vi = read_kv(v_cache.index_select(0, blocks).flatten(0, 1)[:ctx], q.dtype)
+            ki = gather_blocks(k_cache, blocks, q.dtype).flatten(0, 1)[:ctx]               # [ctx, Hkv, D]
+            vi = gather_blocks(v_cache, blocks, q.dtype).flatten(0, 1)[:ctx]
             mask, causal = causal_lower_right(q_len, ctx), False
         ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]
         if mask is not None and qi.is_cuda and qi.dtype in (torch.float16, torch.bfloat16) and qi.shape[-1] <= 256:
@@ -99,8 +102,8 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, num_
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     tables = block_tables[:, :num_blocks].reshape(-1)     # index_select: on CPU a 2-D index is 100x slower
-    keys = read_kv(k_cache.index_select(0, tables), q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    values = read_kv(v_cache.index_select(0, tables), q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    keys = gather_blocks(k_cache, tables, q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    values = gather_blocks(v_cache, tables, q.dtype).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     if batch == 1 and not q.is_cuda:    # one session on CPU: cut at its length (free to read), no mask ops
         n = int(context_lens[0])
         return F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :n], values[:, :, :n],
