@@ -78,11 +78,12 @@ def supports(head_dim: int) -> bool:
 
 
 def num_splits_for(batch: int, num_kv_heads: int, max_context: int, num_sms: int, block_n: int = 64) -> int:
-    """Slices per (session, KV head): enough programs for about four per SM, and no slice shorter
-    than four tiles at the longest context (a slice that finds no tokens returns at once)."""
+    """Slices per (session, KV head): enough programs for about four per SM, no slice shorter than
+    four tiles at the longest context (a slice that finds no tokens returns at once), and at most 64
+    (the merge holds every slice of a head in registers)."""
     programs = batch * num_kv_heads
     wanted = -(-4 * num_sms // programs)
-    return max(1, min(wanted, max_context // (4 * block_n)))
+    return max(1, min(wanted, max_context // (4 * block_n), 64))
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_splits: int = 1,
