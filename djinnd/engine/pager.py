@@ -93,14 +93,16 @@ class Pager:
             return False
         if s.kv is KVPlace.DROPPED:
             return True
-        self._swap_out(s, cause)
-        return True
+        return self._swap_out(s, cause)
 
-    def _swap_out(self, s: Session, cause: str):
+    def _swap_out(self, s: Session, cause: str) -> bool:
         """One copy out: s's private blocks, and its shared blocks that have no host copy yet (the
-        first sharer to leave copies them once; the others only let go of them)."""
+        first sharer to leave copies them once; the others only let go of them). False: the arena
+        cannot take them (dropping others' host KV may have freed the host copies s counted on)."""
         k, shared = len(s.block_keys), s.block_table[:len(s.block_keys)]
         copied = self.prefix.uncopied(s)
+        if not self.arena.can_allocate(len(copied) + len(s.block_table) - k):
+            return False
         hosts = [start + i for start, n in self._host_runs(len(copied)) for i in range(n)]
         private, runs = s.block_table[k:], self._host_runs(len(s.block_table) - k)
         self.prefix.swapped_out(s, copied, hosts)
@@ -108,8 +110,10 @@ class Pager:
         if held or private:
             s.transfers.append(self.swapper.swap_out(s.id, held + private, [(h, 1) for h in hosts] + runs, cause))
             s.transfers[-1].free_device = private + held    # private first: a prefetch may take those
-        self.pool.free([b for i, b in enumerate(shared) if i not in set(copied)])
+        kept_on_device = set(range(k)) - set(copied)
+        self.pool.free([shared[i] for i in sorted(kept_on_device)])
         s.block_table, s.host_runs, s.kv = [], runs, KVPlace.HOST
+        return True
 
     def _host_runs(self, n: int) -> list:
         return self.arena.allocate(n) if n else []
