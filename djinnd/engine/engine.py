@@ -301,19 +301,28 @@ class Engine:
     def step(self):
         for s in self.scheduler.running:      # blocks filled last step become known before admission
             self.pager.prefix.register(s, may_move=False)
-        for s in self.breaks.resumed(self.scheduler.running):
+        resumed = self.breaks.resumed(self.scheduler.running)
+        for s in resumed:
             self.runner.batch.remove(s.id)    # it runs eagerly: its decode row would go stale
-            self._on_its_own(s, self.breaks.proceed)
         plan = self.scheduler.schedule()
         self._refuse(self.scheduler.refused)
         stepped = [s for s in plan.decode + [s for s, _ in plan.prefill] if self.breaks.is_stepped(s)]
         for s in stepped:                     # each on its own, so a pause never holds the batch
             self.runner.batch.remove(s.id)
-            self._on_its_own(s, self.breaks.start)
         decode = [s for s in plan.decode if s not in stepped]
         prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
-        if not (decode or prefill or stepped):
+        if not (decode or prefill or stepped or resumed):
             time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
+        self._batched(decode, prefill)
+        # Breakpoint forwards go after the batch's step is launched: the host launches their eager
+        # kernels while the GPU runs the batch, instead of the batch waiting for them.
+        for s in resumed:
+            self._on_its_own(s, self.breaks.proceed)
+        for s in stepped:
+            self._on_its_own(s, self.breaks.start)
+
+    def _batched(self, decode: list[Session], prefill: list[tuple[Session, int]]):
+        """The batch's forwards of this step: mixed, or prefill then decode."""
         budget, started = self.scheduler.budget, time.perf_counter()   # budget learns what steps cost
         if prefill and decode and self.config.engine.mixed_steps and can_mix(self.runner, decode, prefill):
             pipelined, fed = not any(s.request.params.has_decode_breakpoints for s in decode), sum(n for _, n in prefill)
