@@ -37,17 +37,20 @@ def test_agents_sharing_a_prefix_under_paging_and_breakpoints_get_unshared_token
     try:
         with libdjinn.connect(daemon.socket) as djinn:
             warm = djinn.session().generate(prompt_ids=prefix + ends[-1], max_new_tokens=NEW, ignore_eos=True)
+            traced = djinn.session()
+            shared = traced.generate(prompt_ids=prefix + ends[-1], max_new_tokens=NEW, ignore_eos=True)
             agents = [spawn_agent(daemon.socket, jobs(a, b)) for a, b in pairs]
-            trace = djinn.session().trace(prompt_ids=prefix + ends[-1], max_new_tokens=NEW, ignore_eos=True,
-                                          breakpoints=[1], steps=[0, 4])
+            trace = traced.trace(prompt_ids=[5, 6, 7], max_new_tokens=NEW, ignore_eos=True, breakpoints=[1],
+                                 steps=[0, 4])       # paused on top of blocks the agents share
             for _ in trace:
                 time.sleep(0.5)             # paused while the agents page the pool
             outs = [agent.communicate(timeout=600) for agent in agents]
             status = djinn.status()
     finally:
         stop_daemon(daemon)
-    assert warm.tokens == trace.result.tokens == hf_greedy(hf_tiny, prefix + ends[-1], NEW)
-    assert trace.result.cached_tokens == 48 and warm.cached_tokens == 0
+    assert warm.tokens == shared.tokens == hf_greedy(hf_tiny, prefix + ends[-1], NEW)
+    assert shared.cached_tokens == 48 and warm.cached_tokens == 0
+    assert trace.result.tokens == hf_greedy(hf_tiny, prefix + ends[-1] + shared.tokens + [5, 6, 7], NEW)
     for (first, second), agent, (out, err) in zip(pairs, agents, outs):
         assert agent.returncode == 0, err
         turn1, turn2 = json.loads(out)
