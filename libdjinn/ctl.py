@@ -117,6 +117,8 @@ def format_status(r: dict) -> str:
         lines.append(f"decode   {graphs}, {e['attention']} attention")
     if r.get("weight_streaming"):
         lines.append(format_streaming(r["weight_streaming"]))
+    if r.get("tensor_parallel"):
+        lines += format_ranks(r["tensor_parallel"], r["counters"])
     if "device_allocated_bytes" in mem:
         lines.append(f"vram     {mem['device_allocated_bytes'] / MiB:,.0f} MiB allocated, "
                      f"{mem['device_reserved_bytes'] / MiB:,.0f} reserved, {mem['device_total_bytes'] / MiB:,.0f} total")
@@ -138,6 +140,19 @@ def format_status(r: dict) -> str:
         lines += [f"  session {w['session']:>4} {w['direction']:<3} {w['bytes'] / MiB:8.2f} MiB {w['ms']:8.2f} ms "
                   f"{w['gb_per_s']:7.2f} GB/s  {w['cause']}" for w in recent]
     return "\n".join(lines)
+
+
+def format_ranks(tp: dict, counters: dict) -> list[str]:
+    """Each tensor-parallel rank: its process, device and memory. Every rank copies its KV heads of
+    the blocks rank 0's pager moves, so each rank's swap traffic is rank 0's (swap counters below)."""
+    swapped = sum(counters.get(k, 0) for k in ("swap_bytes_out", "swap_bytes_in"))
+    lines = [f"ranks    {tp['world']} tensor-parallel ranks ({tp.get('backend', '?')})"
+             + (f", {swapped / MiB:,.1f} MiB swapped by each" if swapped else "")
+             + (f"; STOPPED: {tp['dead']}" if tp.get("dead") else "")]
+    lines += [f"  rank {r['rank']}  pid {r['pid']:>7}  {r['device']:<7} weights {r['weights_bytes'] / MiB:,.1f} MiB, "
+              f"kv pool {r['kv_pool_bytes'] / MiB:,.1f} MiB, arena {r['host_arena_bytes'] / MiB:,.1f} MiB"
+              + ("" if r.get("alive", True) else "  (gone)") for r in tp["ranks"]]
+    return lines
 
 
 def format_attachments(w: dict | None) -> list[str]:

@@ -23,6 +23,7 @@ from djinnd.model.llama import hf_state_dict
 from djinnd.model.loader import load_hf_dir
 from djinnd.model.presets import build_random
 from djinnd.model.tp import TP, shard_tensor
+from libdjinn.ctl import format_status
 
 POOL_MB = "0.265625"     # random:tiny: 16 blocks of 16 tokens over both ranks, so the agents below page
 SCALE_LAYER = 1
@@ -101,6 +102,7 @@ def test_tp2_gives_the_whole_models_tokens_for_paged_concurrent_sessions_and_an_
     ranks = status["tensor_parallel"]["ranks"]
     assert [(r["rank"], r["alive"]) for r in ranks] == [(0, True), (1, True)]
     assert ranks[0]["kv_pool_bytes"] == ranks[1]["kv_pool_bytes"] == status["memory"]["kv_pool_bytes"]
+    assert "rank 1  pid" in format_status(status)            # djinnctl status lists the ranks
 
 
 def test_a_world_that_does_not_divide_the_kv_heads_is_refused_in_one_line(tmp_path):

@@ -46,7 +46,11 @@ class Mirror:
             return None
 
         def replicated(i, h):
-            return self.tp.broadcast(after(i, h).contiguous())
+            try:
+                h = after(i, h)
+            except Exception as e:     # the workers wait in this layer's broadcast: the ranks are out of step
+                raise RankLost(f"a hook failed mid-forward under tensor parallelism: {type(e).__name__}: {e}") from e
+            return self.tp.broadcast(h.contiguous())
         return replicated
 
     def logits(self, h):

@@ -126,7 +126,7 @@ class Ranks:
 
     def status(self) -> dict:
         alive = [True] + [p.is_alive() for p in self.procs]
-        return {**self.mirror.status(), "ranks": [{**r, "alive": alive[r["rank"]]} for r in self.mirror.ranks]}
+        return {**self.mirror.status(), "backend": self.backend, "ranks": [{**r, "alive": alive[r["rank"]]} for r in self.mirror.ranks]}
 
 
 def _try(failed: list, fn, *args):
