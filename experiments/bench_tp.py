@@ -2,6 +2,7 @@
 
     python experiments/bench_tp.py --only 8b --out experiments/results/bench_tp_8b.json        # 2 GPUs, < 4 min
     python experiments/bench_tp.py --only 70b --out experiments/results/bench_tp_70b.json      # 2 (or 4) GPUs
+    python experiments/bench_tp.py --only 70b-stream --out experiments/results/bench_tp_70b_stream.json  # 1 GPU
     python experiments/bench_tp.py --only smoke --out /tmp/bench_tp_smoke.json                 # CPU: the script runs
 
 Rows: random:llama-3.1-8b at TP 1 and TP 2; random:llama-3.1-70b (bf16) at TP 2 (and 4 where four
@@ -42,6 +43,7 @@ def rows(gpus: int, only: str | None) -> list[tuple[str, list[str]]]:
         out += [("70b tp2", ["--model", "random:llama-3.1-70b", "--tensor-parallel", "2"])]
         if gpus >= 4:
             out += [("70b tp4", ["--model", "random:llama-3.1-70b", "--tensor-parallel", "4"])]
+    if only in (None, "70b-stream"):
         out += [("70b streamed, 1 GPU", ["--model", "random:llama-3.1-70b", "--weights-budget-mb", "110000",
                                          "--gpu-memory-utilization", "0.95"])]
     return [(name, flags) for name, flags in out if "--tensor-parallel" not in flags
@@ -120,7 +122,7 @@ def measure(name: str, flags: list[str], hbm_gbps: float, batches=(32, 64)) -> d
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--only", choices=["8b", "70b", "smoke"])
+    p.add_argument("--only", choices=["8b", "70b", "70b-stream", "smoke"])
     p.add_argument("--hbm-gbps", type=float, default=4800.0, help="per-GPU memory bandwidth (H200: 4.8 TB/s)")
     args = p.parse_args()
     import torch
