@@ -1,11 +1,14 @@
-"""HostArena: swapped-out KV blocks live here, in POSIX shared memory named for this daemon.
+"""HostArena: swapped-out KV blocks live here, in a sealed memfd of this daemon.
 
-Names carry the pid (for the stale sweep) and a random suffix, and are created exclusively, 0600.
+It has no name in /dev/shm and its descriptor is closed once mapped, so no other process can open,
+shrink or grow it (seals too); it goes with the process, even after kill -9. Older daemons named
+their segments djinn-<pid>-...; the stale sweep still removes those a crash left.
 The daemon checks /dev/shm's free space against the arena before it starts (preflight.py); pages
 are not reserved up front (that would commit the whole arena at start). On CUDA the mapping is page-locked with cudaHostRegister in chunks on a background thread
 (registering costs ~0.8 s per GB), so start-up is not blocked; copies to a chunk not yet pinned
 are merely slower. Segments are unlinked on close and, after a crash, at the next start.
 """
+import fcntl
 import itertools
 import math
 import mmap
@@ -16,7 +19,6 @@ import threading
 import time
 import weakref
 
-import posix_ipc
 import torch
 
 SEGMENT_PREFIX = "djinn-"
@@ -29,16 +31,9 @@ def segment_name(pid: int) -> str:
     return f"/{SEGMENT_PREFIX}{pid}-kv{next(_serial)}-{secrets.token_hex(12)}"
 
 
-def _unlink(name: str):
-    try:
-        posix_ipc.unlink_shared_memory(name)
-    except posix_ipc.ExistentialError:
-        pass
-
-
-def _release(name: str, mapping, pinned: list, pin_thread):
+def _release(mapping, pinned: list, pin_thread):
     """Unregister before the mapping can go (a freed, still-registered range poisons the next
-    mmap at that address), then unlink. Holding `mapping` keeps it alive until here."""
+    mmap at that address). Holding `mapping` keeps it alive until here."""
     if pin_thread:
         pin_thread.join()
     if pinned:
@@ -46,7 +41,6 @@ def _release(name: str, mapping, pinned: list, pin_thread):
         for ptr, _ in pinned:
             host_unregister(ptr)
         pinned.clear()
-    _unlink(name)
 
 
 def sweep_stale_segments(shm_dir: str = "/dev/shm", pid: int | None = None) -> list[str]:
@@ -88,10 +82,14 @@ class HostArena:
         self.num_blocks = num_blocks
         self.block_bytes = torch.Size(block_shape).numel() * torch.empty((), dtype=dtype).element_size()
         self.size = max(self.num_blocks * self.block_bytes, mmap.PAGESIZE)
-        self.name = segment_name(os.getpid())
-        self._shm = posix_ipc.SharedMemory(self.name, posix_ipc.O_CREX, mode=0o600, size=self.size)
-        self._map = mmap.mmap(self._shm.fd, self.size)
-        self._shm.close_fd()
+        self.name = "memfd:" + segment_name(os.getpid())[1:]
+        fd = os.memfd_create(self.name[6:], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, self.size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self._map = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
         count = num_blocks * torch.Size(block_shape).numel()
         self.blocks = (torch.frombuffer(self._map, dtype=dtype, count=count) if count
                        else torch.empty(0, dtype=dtype)).view(num_blocks, *block_shape)
@@ -107,7 +105,7 @@ class HostArena:
         if pin and num_blocks:
             self._pin_thread = threading.Thread(target=self._pin, daemon=True)
             self._pin_thread.start()
-        self._finalizer = weakref.finalize(self, _release, self.name, self._map, self._pinned, self._pin_thread)
+        self._finalizer = weakref.finalize(self, _release, self._map, self._pinned, self._pin_thread)
 
     # ---- runs of host blocks ---------------------------------------------------------------
     @property
