@@ -142,3 +142,19 @@ def test_harvest_splits_prompts_over_the_daemons_limit(tiny_daemon):
         single = djinn.harvest([prompts[4]], layers=[0])
     assert len(h._parts) == 3 and h[0].shape == (150, 64)
     torch.testing.assert_close(h.prompt(4, 0), single[0], rtol=1e-5, atol=1e-5)
+
+
+def test_capture_and_harvest_segments_count_against_the_clients_quota(tmp_path):
+    """A client cannot fill /dev/shm with captures or harvests: past its cap it gets LimitReached."""
+    d = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "4", "--max-segment-mb-per-client", "0.5")
+    try:
+        with libdjinn.connect(d.socket) as djinn:
+            s = djinn.session()              # 4 layers x 1,022 rows x 64 x 4 bytes = 1.0 MiB > 0.5
+            with pytest.raises(libdjinn.LimitReached, match="max_segment_mb_per_client"):
+                s.generate(prompt_ids=[5, 6], capture=[0, 1, 2, 3], max_new_tokens=1020)
+            small = s.generate(prompt_ids=[5, 6], capture=[0], max_new_tokens=4)     # 6 rows: fine
+            with pytest.raises(libdjinn.LimitReached, match="max_segment_mb_per_client"):
+                djinn.harvest([[5] * 1000] * 2, layers=[0, 1, 2], max_batch_tokens=2000)
+            assert small.activations[0].shape == (5, 64)
+    finally:
+        stop_daemon(d)

@@ -20,7 +20,7 @@ from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
 from djinnd.engine.weights_export import WeightExports
 from djinnd.memory.prefix_cache import root_key
-from djinnd.memory.activations import SegmentQuota
+from djinnd.memory.activations import QuotaExceeded, SegmentQuota
 from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
 from djinnd.session import KVPlace, Phase, Request, Session, SessionState
@@ -57,7 +57,7 @@ class Engine:
         self.exports = WeightExports(loaded)
         self.ghost = GhostForwards(self.runner, pool, self.max_model_len,
                                    max(e.max_num_batched_tokens, self.max_model_len), self.quota)
-        self.harvester = Harvester(self.runner, pool, self.max_model_len, e.max_num_batched_tokens)
+        self.harvester = Harvester(self.runner, pool, self.max_model_len, e.max_num_batched_tokens, self.quota)
         self.inbox: queue.Queue = queue.Queue()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -278,9 +278,11 @@ class Engine:
         never reach another session, and a capture or a pause needs every prompt token computed."""
         try:
             captures = self.runner.interventions.start(s.id, c.interventions, keep, len(c.prompt_ids),
-                                                       c.params.max_new_tokens)
+                                                       c.params.max_new_tokens, (self.quota, s.owner))
         except MemoryError as e:
             raise EngineError(ErrorCode.NO_CAPACITY, f"session {s.id}: capture: {e}") from None
+        except QuotaExceeded as e:
+            raise EngineError(ErrorCode.LIMIT, f"session {s.id}: capture: {e}") from None
         if self.runner.interventions.of(s.id) is not None or c.params.breakpoints:
             s.prefix_root = None
         return captures

@@ -8,14 +8,15 @@ import torch
 
 from djinnd.engine.commands import EngineError
 from djinnd.engine.interventions import host_bytes, write_segment
-from djinnd.memory.activations import ActivationSegment
+from djinnd.memory.activations import ActivationSegment, QuotaExceeded
 from djinnd.session import Session
 from libdjinn.protocol import ErrorCode
 
 
 class Harvester:
-    def __init__(self, runner, pool, max_model_len: int, max_tokens: int):
+    def __init__(self, runner, pool, max_model_len: int, max_tokens: int, quota=None):
         self.runner, self.pool, self.max_model_len, self.max_tokens = runner, pool, max_model_len, max_tokens
+        self.quota = quota                  # segments count against their connection's and uid's caps
         self.segments: dict[int, ActivationSegment] = {}    # connection id -> its last harvest
 
     def run(self, owner: int, prompts: list[list[int]], layers: list[int]) -> dict:
@@ -49,7 +50,10 @@ class Harvester:
         self.release(owner)
         total, hidden = sum(len(s.tokens) for s in sessions), self.runner.model.args.hidden_size
         dtype = self.runner.interventions.dtype
-        segment = ActivationSegment((len(layers), total, hidden), dtype)
+        try:
+            segment = ActivationSegment((len(layers), total, hidden), dtype, self.quota, owner)
+        except QuotaExceeded as e:
+            raise EngineError(ErrorCode.LIMIT, f"harvest: {e}") from None
         self.segments[owner] = segment
         row_bytes = total * hidden * torch.empty((), dtype=dtype).element_size()
 

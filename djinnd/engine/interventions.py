@@ -76,8 +76,9 @@ class Interventions:
         return self.active.get(session_id)
 
     def start(self, session_id: int, spec: cmd.Interventions | None, first: int, num_prompt: int,
-              max_new_tokens: int) -> cmd.Captures | None:
-        """A request begins; returns its capture segment's event, if it captures."""
+              max_new_tokens: int, charge: tuple = (None, None)) -> cmd.Captures | None:
+        """A request begins; returns its capture segment's event, if it captures. charge: (quota,
+        owner) the segment counts against (QuotaExceeded past its caps)."""
         self.end(session_id)        # a request that never ran (refused, cancelled while queued) left its own
         if spec is None or not (spec.steer or spec.capture or spec.stop_at_layer is not None):
             return None
@@ -86,13 +87,13 @@ class Interventions:
             values = torch.frombuffer(bytearray(v.values), dtype=torch.float32)
             a.steer[v.layer] = Steer((values * v.scale).to(self.device, self.dtype), v.positions)
         if a.capture:
-            self._open_segment(session_id, a, num_prompt + max_new_tokens)
+            self._open_segment(session_id, a, num_prompt + max_new_tokens, charge)
         self.active[session_id] = a
         return cmd.Captures(a.capture, a.segment.descriptor(), num_prompt) if a.segment else None
 
-    def _open_segment(self, session_id: int, a: Active, num_rows: int):
+    def _open_segment(self, session_id: int, a: Active, num_rows: int, charge: tuple):
         self.close(session_id)          # the previous request's segment goes (its client has mapped it)
-        a.segment = ActivationSegment((len(a.capture), num_rows, self.hidden_size), self.dtype)
+        a.segment = ActivationSegment((len(a.capture), num_rows, self.hidden_size), self.dtype, *charge)
         shm = posix_ipc.SharedMemory(a.segment.name)
         a.fd, a.num_rows = shm.fd, num_rows
         a.row_bytes = self.hidden_size * torch.empty((), dtype=self.dtype).element_size()
