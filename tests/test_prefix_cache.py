@@ -39,6 +39,7 @@ def integrity(sched):
     sessions = sched.pager.sessions.values()
     in_flight = [b for t in sched.pager.swapper.in_flight for b in t.free_device]
     sched.pool.check_integrity([s.block_table for s in sessions], in_flight)
+    sched.pager.prefix.check_integrity()
 
 
 PREFIX = list(range(100, 112))          # three full blocks
@@ -299,3 +300,77 @@ def test_a_prefetch_takes_the_blocks_of_its_victim_known_ones_included():
     assert a.kv is KVPlace.DEVICE and b.kv is KVPlace.HOST and len(a.block_table) == 4
     sched.pager.poll()
     integrity(sched)
+
+
+# ---- random operations, KV checked token by token ---------------------------------------------
+
+def forward(pool, s: Session):
+    """What a forward writes: each uncached position's K (here: its token id) into the block table."""
+    for pos in range(s.num_cached, len(s.tokens)):
+        pool.k[0, s.block_table[pos // BS], pos % BS, 0, 0] = s.tokens[pos]
+    s.num_cached = len(s.tokens)
+
+
+def assert_kv_is_history(pool, s: Session):
+    """Every cached position's K in s's blocks is the token s holds there: nothing was overwritten."""
+    for pos in range(s.num_cached):
+        assert pool.k[0, s.block_table[pos // BS], pos % BS, 0, 0].item() == s.tokens[pos], (s.id, pos)
+
+
+def admit_and_run(sched, s: Session, prompt: list[int]) -> bool:
+    again(s, prompt, max_new=2)
+    sched.add(s)
+    for _ in range(4):
+        sched.schedule()
+        sched.pager.poll()
+        if s.state is SessionState.RUNNING:
+            break
+    if s.state is not SessionState.RUNNING:        # no room this time: the request goes away
+        sched.waiting.remove(s)
+        s.change_state(SessionState.IDLE)
+        del s.tokens[len(s.tokens) - len(prompt):]
+        s.request = None
+        return False
+    assert_kv_is_history(sched.pool, s)
+    forward(sched.pool, s)
+    s.tokens.append(1000 + sum(s.tokens) % 97)       # the sampled token, fed by the next request
+    sched.finish(s)
+    s.request = None
+    return True
+
+
+@pytest.mark.parametrize("policy, seed", [("lru", 1), ("lru", 2), ("recompute", 3), ("semantic", 4)])
+def test_random_sharing_paging_and_cuts_never_lose_or_overwrite_kv(policy, seed):
+    import random
+    rng = random.Random(seed)
+    pool = pool_of(24, BS)
+    sched = scheduler_of(pool, policy, host_blocks=40)
+    common = [rng.randrange(1, 50) for _ in range(20)]
+    sessions = {i: session(i, []) for i in range(1, 7)}
+    for s in sessions.values():
+        sched.pager.sessions[s.id] = s
+    served = 0
+    for step in range(160):
+        s = rng.choice(list(sessions.values()))
+        op = rng.random()
+        if op < 0.5:
+            prompt = (common[:rng.randrange(0, 21)] if not s.tokens else []) + [rng.randrange(1, 50)
+                                                                              for _ in range(rng.randrange(1, 6))]
+            served += admit_and_run(sched, s, prompt)
+        elif op < 0.65 and s.kv is KVPlace.DEVICE and s.block_table:
+            sched.pager.evict(s, "pressure")
+        elif op < 0.75 and s.kv is KVPlace.HOST and not s.transfers:
+            sched.pager.prefetch(s, "active", due=0.0)
+        elif op < 0.88 and s.tokens:
+            sched.pager.truncate(s, rng.randrange(0, len(s.tokens)))
+        elif op < 0.95:
+            sched.drop(s)
+            del sessions[s.id]
+            sessions[s.id + 100] = fresh = session(s.id + 100, [])
+            sched.pager.sessions[fresh.id] = fresh
+        sched.pager.poll()
+        integrity(sched)
+        for v in sessions.values():
+            if v.kv is KVPlace.DEVICE and v.block_table:
+                assert_kv_is_history(pool, v)
+    assert served > 40 and sched.pager.prefix.num_hit_tokens > 0

@@ -166,6 +166,14 @@ class PrefixCache:
                     del self.known[k]
         return freed
 
+    def check_integrity(self):
+        """Each known block is where its entry says; a swapped session's blocks have a host copy."""
+        assert set(self.by_device) == self.pool.known, "the pool and the cache disagree on known blocks"
+        for b in self.known.values():
+            assert b.device is not None or b.host is not None, "an entry holds no KV"
+            assert b.device is None or self.by_device[b.device] is b, "an entry's device block maps elsewhere"
+            assert b.num_swapped == 0 or b.host is not None, "a swapped session's block has no host copy"
+
     # ---- reporting -----------------------------------------------------------------------------
     def status(self) -> dict:
         return {"prefix_sharing": self.scope, "known_blocks": len(self.known),
