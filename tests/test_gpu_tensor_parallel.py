@@ -9,6 +9,11 @@ import torch
 
 import libdjinn
 from conftest import ROOT, random_prompts, start_daemon, stop_daemon
+from djinnd.engine.kernels import fused_kernels
+from djinnd.memory.block_pool import KVBlockPool
+from djinnd.model.attention import ForwardContext, build_prefill_metadata, prefill_attention
+from djinnd.model.presets import build_random
+from djinnd.model.tp import TP
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -24,6 +29,35 @@ def test_more_ranks_than_gpus_is_refused_naming_the_missing_ones(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode != 0 and len(lines) == 1 and "cuda:1 not visible" in lines[0], out.stderr
+
+
+@torch.inference_mode()
+def prompt_logits(model, prompt: list[int], kv_heads: int) -> torch.Tensor:
+    a = model.args
+    pool = KVBlockPool(a.num_layers, kv_heads, a.head_dim, 16, 2**22, torch.float32, "cuda")
+    meta = build_prefill_metadata([len(prompt)], [len(prompt)], [list(range(-(-len(prompt) // 16)))], 16, "cuda")
+    h = model.embed(torch.tensor(prompt, device="cuda"))
+    cos, sin = model.rope(meta.positions, h.dtype)
+    ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta),
+                         fused_kernels("cuda", "auto"))
+    return model.logits(model.run_layers(h, ctx, pool.k, pool.v))
+
+
+def test_the_sharded_model_in_a_world_of_one_over_nccl_gives_the_plain_logits(tmp_path):
+    """The tensor-parallel code path (a rank object, NCCL collectives, vocab-parallel embedding and
+    lm_head) on one GPU; TP=1 itself runs the same classes without a rank object."""
+    import torch.distributed as dist
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        [prompt] = random_prompts(512, [37], seed=43)
+        plain = build_random("tiny", 0, torch.float32, "cuda")
+        sharded = build_random("tiny", 0, torch.float32, "cuda", TP(0, 1))
+        expected = prompt_logits(plain, prompt, plain.args.num_kv_heads)
+        got = prompt_logits(sharded, prompt, plain.args.num_kv_heads)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 def run_sessions(socket: str, prompts) -> tuple[list, list]:
