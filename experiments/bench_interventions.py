@@ -238,6 +238,7 @@ def main():
         report["harvest"] = harvest_rate(sock, a, layer, args.vocab_size)
     finally:
         stop_daemon(proc)
+    save(report, a.out)                  # the daemon's figures are kept whatever the baselines do
     report.update(baselines(a, layer))
     write(report, a.out)
 
@@ -250,14 +251,22 @@ def baselines(a, layer: int) -> dict:
                          model.args.vocab_size, seed=3)
     out = {"truncated_prefill_tok_per_s": truncated_prefill_rate(model, a, layer, dtype, a.device, prompts)}
     if not a.no_hf:
-        out.update(hf_hook_rates(model, a, layer, a.device, prompts))
+        try:
+            out.update(hf_hook_rates(model, a, layer, a.device, prompts))
+        except Exception as e:           # an HF version quirk must not cost the run's other figures
+            out["hf_error"] = f"{type(e).__name__}: {e}"
+            print(f"HF baseline failed: {out['hf_error']}", file=sys.stderr)
     return out
 
 
-def write(r: dict, path: str):
+def save(r: dict, path: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as fh:
         json.dump(r, fh, indent=1)
+
+
+def write(r: dict, path: str):
+    save(r, path)
     b1, b32, bp, hv = r["b1"], r["b32"], r["breakpoint"], r["harvest"]
     print(f"\n{r['model']} (RANDOM WEIGHTS) on {r['gpu'] or 'cpu'}, {r['dtype']}, {r['date']}, git {r['git']}")
     print(f"{'measure':<52} {'tok/s':>10} {'vs baseline':>12}")
