@@ -3,6 +3,7 @@ the weights and of the KV pool and host arena. It owns no sessions: it runs what
 (engine/tp_mirror.py) announces, in order, and meets rank 0 in the collectives.
 """
 import os
+import signal
 import sys
 import threading
 import time
@@ -31,6 +32,8 @@ def init_group(backend: str, init_method: str, rank: int, world: int):
 
 def worker_main(spec: dict, rank: int, conn):
     """Entry point of a spawned rank; exits non-zero (rank 0 notices) on any failure."""
+    for sig in (signal.SIGINT, signal.SIGTERM):   # a terminal's Ctrl-C or systemd's SIGTERM reaches the whole
+        signal.signal(sig, signal.SIG_IGN)         # group: rank 0 stops the workers; they must not look dead first
     _exit_with_parent(os.getppid())
     try:
         device = torch.device(f"cuda:{rank}" if spec["device"] == "cuda" else "cpu")
