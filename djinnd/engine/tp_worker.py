@@ -27,7 +27,10 @@ from djinnd.model.tp import TP
 def init_group(backend: str, init_method: str, rank: int, world: int):
     if backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")    # ranks of one host talk over loopback
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+    else:                # NCCL bound to this rank's GPU from the start (cuda:{rank})
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                device_id=torch.device("cuda", rank))
 
 
 def worker_main(spec: dict, rank: int, conn):
