@@ -63,6 +63,9 @@ def _exit_with_parent(parent: int):
     threading.Thread(target=watch, name="djinn-rank-watch", daemon=True).start()
 
 
+CALLS = {"prefill", "logits", "decode", "capture", "swap_out", "swap_in"}    # what tp_mirror.Mirror announces
+
+
 class Replica:
     def __init__(self, spec: dict, tp: TP, device, conn):
         self.tp, self.device, self.conn = tp, device, conn
@@ -96,6 +99,8 @@ class Replica:
                 method, args = self.conn.recv()
                 if method == "stop":
                     return
+                if method not in CALLS:
+                    raise ValueError(f"rank 0 sent an unknown call {method!r}")
                 getattr(self, method)(*args)
                 self.swapper.poll()
         finally:
