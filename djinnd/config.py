@@ -12,6 +12,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 POLICIES = ("semantic", "lru", "recompute", "none")
 ATTENTION = ("auto", "triton", "torch")
 ADMISSION = ("fifo", "program", "shortest")
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
 SHARING = ("user", "group", "all", "off")
 
 
@@ -81,6 +82,7 @@ class EngineConfig:
     admission_max_wait_ms: float = 5000.0  # program, shortest: past this wait a request goes in arrival order
     max_step_ms: float = 0.0      # while sessions decode, prompt chunks shrink so a step takes about this long (0: off)
     mixed_steps: bool = False     # a step that decodes and feeds prompts runs one forward (weights read once)
+    kv_cache_dtype: str = "auto"  # the KV pool's: auto (the model's) or fp8_e4m3 (half the bytes, scale 1)
     tensor_parallel: int = 1      # ranks, one process and one GPU each, sharing each layer's heads and MLP columns
 
     def __post_init__(self):
@@ -92,7 +94,11 @@ class EngineConfig:
         _require(self.admission in ADMISSION, "admission", f"must be one of {ADMISSION}, got {self.admission!r}")
         _require(self.admission_max_wait_ms >= 0, "admission_max_wait_ms", "must be >= 0")
         _require(0 <= self.max_step_ms < float("inf"), "max_step_ms", "must be a finite number >= 0 (0: off)")
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype",
+                 f"must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _require(self.tensor_parallel >= 1, "tensor_parallel", "must be >= 1")
+        _require(self.kv_cache_dtype == "auto" or self.tensor_parallel == 1, "kv_cache_dtype",
+                 "fp8_e4m3 needs tensor_parallel 1 for now")
 
 
 @dataclass(frozen=True)

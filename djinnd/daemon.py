@@ -99,16 +99,18 @@ def _build_engine(config, args, device, dtype, streaming: bool, ranks) -> Engine
         loaded.model.to(device)       # it fits the budget after all
     loaded.flat_weights = pack_weights(loaded.model, config.model.export_weights) if ranks is None else Unexported(
         f"tensor_parallel {world}: the weights are split across {world} ranks; attach (and hf_model()) serve one")
-    budget = kv_budget_bytes(config, args, dtype, device)
+    kv_dtype = torch.float8_e4m3fn if config.engine.kv_cache_dtype == "fp8_e4m3" else dtype
+    budget = kv_budget_bytes(config, args, dtype, device)      # activations and gathers: the model dtype
     if ranks is not None:            # kv_cache_mb (and CPU's default) is the whole pool; each rank holds its heads
         budget = budget / world if config.memory.kv_cache_mb or device.type != "cuda" else budget
         budget = _or_startup_error(lambda: ranks.kv_budget(
             budget, torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None))
     pool = KVBlockPool(args.num_layers, args.num_kv_heads // world, args.head_dim, config.memory.block_size,
-                       budget, dtype, device)
+                       budget, kv_dtype, device)
     sweep_stale_segments()
     arena = HostArena(int(config.memory.host_arena_mb * 2**20 // (pool.block_bytes * world)), pool.host_block_shape,
-                      dtype, pin=config.memory.pin_host_arena and device.type == "cuda")
+                      torch.uint8 if kv_dtype.itemsize == 1 else kv_dtype,     # fp8 swaps as bytes
+                      pin=config.memory.pin_host_arena and device.type == "cuda")
     if ranks is not None:
         _or_startup_error(lambda: ranks.build(pool, arena, sum(p.numel() * p.element_size()
                                                                for p in loaded.model.parameters())))

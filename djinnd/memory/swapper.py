@@ -14,6 +14,11 @@ import torch
 from djinnd.metrics import SwapRecord
 
 
+def _bytes(t):
+    """An fp8 pool moves as bytes (torch has no fp8 index kernels); its host arena holds bytes."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
 @dataclass
 class Transfer:
     session: int
@@ -46,7 +51,8 @@ class Swapper:
         t = Transfer(session, "out", cause, len(device_blocks) * self.arena.block_bytes)
         with self._on_stream("out", t):
             idx = self._index(device_blocks)
-            staged = torch.stack((self.pool.k.index_select(1, idx), self.pool.v.index_select(1, idx)), dim=1)
+            staged = torch.stack((_bytes(self.pool.k).index_select(1, idx), _bytes(self.pool.v).index_select(1, idx)),
+                                 dim=1)
             staged = staged.transpose(0, 2).contiguous()     # [L, 2, n, ...] -> [n, 2, L, ...], a host block each
             offset = 0
             for start, length in self.arena.pieces(host_runs):
@@ -65,8 +71,8 @@ class Swapper:
                      for s, n in self.arena.pieces(host_runs)]
             staged = torch.cat(parts) if len(parts) > 1 else parts[0]          # [n, 2, L, ...]
             idx = self._index(device_blocks)
-            self.pool.k.index_copy_(1, idx, staged[:, 0].transpose(0, 1))
-            self.pool.v.index_copy_(1, idx, staged[:, 1].transpose(0, 1))
+            _bytes(self.pool.k).index_copy_(1, idx, staged[:, 0].transpose(0, 1))
+            _bytes(self.pool.v).index_copy_(1, idx, staged[:, 1].transpose(0, 1))
             t.staged = staged
         return t
 
