@@ -1,5 +1,7 @@
 """Shared prefix KV, without a model: content keys, reference counts, copy-on-write, the cache's
 reclaim order, paging of shared blocks and sessions closed while others share their blocks."""
+from collections import Counter
+
 import pytest
 
 from djinnd.memory.prefix_cache import block_key, root_key
@@ -37,9 +39,11 @@ def again(s: Session, prompt: list[int], max_new=1):
 
 def integrity(sched):
     sessions = sched.pager.sessions.values()
-    in_flight = [b for t in sched.pager.swapper.in_flight for b in t.free_device]
+    in_flight = [b for t in sched.pager.swapper.in_flight for b in t.free_device] + sched.pager.prefix.spills
     sched.pool.check_integrity([s.block_table for s in sessions], in_flight)
     sched.pager.prefix.check_integrity()
+    swapped = Counter(k for s in sessions if s.kv is KVPlace.HOST for k in s.block_keys)
+    assert {k: b.num_swapped for k, b in sched.pager.prefix.known.items() if b.num_swapped} == swapped
 
 
 PREFIX = list(range(100, 112))          # three full blocks
@@ -184,22 +188,38 @@ def shared_pair(sched):
     return a, b
 
 
-def test_evicting_a_sharer_copies_its_private_blocks_and_each_shared_block_once():
+def test_evicting_a_sharer_copies_only_its_private_blocks_while_another_holds_the_shared_ones():
     pool = pool_of(20, BS)
     sched = scheduler_of(pool, "lru", host_blocks=20)
     a, b = shared_pair(sched)
     shared = a.block_table[:3]
     pager = sched.pager
     assert pager.evict(a, "test")
-    assert pager.swapper.in_flight[-1].nbytes == 4 * pool.block_bytes      # 3 shared (first to leave) + 1
-    assert pager.evict(b, "test")
     assert pager.swapper.in_flight[-1].nbytes == 1 * pool.block_bytes      # its private block only
+    assert pager.evict(b, "test")
+    assert pager.swapper.in_flight[-1].nbytes == 4 * pool.block_bytes      # the last holder: 3 shared + 1
     pager.poll()
     assert pager.arena.num_used == 5 and pool.num_cached == 3 and all(pool.refs[x] == 0 for x in shared)
     again(a, [9])
     run(sched, a)                              # the shared blocks are still on the device
     assert a.block_table[:3] == shared and pager.metrics.counters["swap_bytes_in"] == pool.block_bytes
     assert pager.arena.num_used == 4           # b still needs the host copies of the shared blocks
+    integrity(sched)
+
+
+def test_the_last_holder_leaving_copies_the_shared_blocks_a_swapped_session_needs():
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = shared_pair(sched)
+    sched.pager.evict(a, "test")               # b holds the shared blocks: only a's own block is copied
+    sched.pager.poll()
+    sched.drop(b)                              # nobody on the device needs them now, a still does
+    assert len(sched.pager.prefix.spills) == 3
+    integrity(sched)
+    sched.pager.poll()                         # one copy to the host ...
+    assert sched.pager.arena.num_used == 4 and not sched.pager.prefix.spills
+    sched.pager.poll()                         # ... then they are cached like the rest
+    assert sched.pager.metrics.counters["swaps_out_spill"] == 1 and pool.num_cached == 3
     integrity(sched)
 
 
@@ -326,7 +346,9 @@ def admit_and_run(sched, s: Session, prompt: list[int]) -> bool:
         if s.state is SessionState.RUNNING:
             break
     if s.state is not SessionState.RUNNING:        # no room this time: the request goes away
-        sched.waiting.remove(s)
+        if s in sched.waiting:
+            sched.waiting.remove(s)
+        sched.refused.clear()
         s.change_state(SessionState.IDLE)
         del s.tokens[len(s.tokens) - len(prompt):]
         s.request = None

@@ -237,7 +237,7 @@ class Pager:
         first = s.num_cached // self.pool.block_size
         for i in range(first, len(s.block_keys)):
             block = s.block_table[i]
-            if self.pool.refs[block] == 1:
+            if self.pool.refs[block] == 1 and self.prefix.may_detach(block):
                 self.prefix.detach(block)
                 continue
             s.block_table[i] = self.pool.allocate(1)[0]
@@ -298,11 +298,13 @@ class Pager:
     def make_room(self, num_blocks: int, admitting: Session) -> int:
         """Evict per policy toward num_blocks free device blocks for `admitting`; returns blocks set
         free or on the way."""
-        freed = 0
-        for s in policies.victims(self.policy, self.sessions.values(), num_blocks, exclude=admitting):
-            n = self._frees(s)
-            if self.evict(s, "pressure"):
-                freed += n
+        freed, evicted = 0, True
+        while freed < num_blocks and evicted:   # victims sharing blocks free them only together
+            evicted = False
+            for s in policies.victims(self.policy, self.sessions.values(), num_blocks - freed, exclude=admitting):
+                n = self._frees(s)
+                if self.evict(s, "pressure"):
+                    freed, evicted = freed + n, True
         return freed
 
     # ---- bookkeeping -------------------------------------------------------------------------
@@ -315,6 +317,23 @@ class Pager:
             s = self.sessions.get(t.session)
             if s is not None and t in s.transfers:
                 s.transfers.remove(t)
+        self._spill()
+
+    def _spill(self):
+        """Shared blocks whose last device holder let go while swapped-out sessions need them get
+        their one host copy now (then they are cached like the rest); a full arena keeps them held
+        on the device until a later poll."""
+        blocks, self.prefix.spills = self.prefix.spills, []
+        needed = [b for b in blocks if self.prefix.by_device[b].num_swapped and self.prefix.by_device[b].host is None]
+        self.pool.free([b for b in blocks if b not in set(needed)])
+        if not needed or not self.arena.can_allocate(len(needed)):
+            self.prefix.spills += needed
+            return
+        hosts = [start + i for start, n in self.arena.allocate(len(needed)) for i in range(n)]
+        for b, h in zip(needed, hosts):
+            self.prefix.by_device[b].host = h
+        t = self.swapper.swap_out(-1, needed, [(h, 1) for h in hosts], "spill")
+        t.free_device = needed          # the cache's hold ends once the copy is done
 
     def freeing(self) -> int:
         """Device blocks that copies in flight will set free."""

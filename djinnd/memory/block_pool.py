@@ -33,6 +33,7 @@ class KVBlockPool:
         self.cached: OrderedDict[int, None] = OrderedDict()   # known blocks nobody holds, oldest first
         self.known: set[int] = set()                # blocks the prefix cache maps a content key to
         self.on_reclaim = lambda block: None        # the prefix cache forgets a block taken for reuse
+        self.keeps = lambda block: False            # the prefix cache holds a known block nobody else does
 
     @property
     def host_block_shape(self) -> tuple:
@@ -92,10 +93,12 @@ class KVBlockPool:
                 raise RuntimeError(f"KV block {b} freed more often than it was held")
             self.refs[b] -= 1
             if self.refs[b] == 0:
-                if b in self.known:
-                    self.cached[b] = None
-                else:
+                if b not in self.known:
                     self._free.append(b)
+                elif self.keeps(b):
+                    self.refs[b] = 1            # the prefix cache holds it until its host copy exists
+                else:
+                    self.cached[b] = None
 
     def copy_block(self, src: int, dst: int):
         """Copy-on-write: dst takes src's K/V (all layers), on the compute stream."""

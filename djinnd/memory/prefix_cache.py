@@ -47,7 +47,8 @@ class PrefixCache:
         self.by_device: dict[int, KnownBlock] = {}
         self.num_query_tokens = 0     # prompt tokens looked up at admission
         self.num_hit_tokens = 0       # of those, found in known blocks
-        pool.on_reclaim = self._reclaimed
+        self.spills: list[int] = []   # device blocks it holds until the pager copies them to the host
+        pool.on_reclaim, pool.keeps = self._reclaimed, self._keeps
 
     # ---- lookups ------------------------------------------------------------------------------
     def _parent(self, s: Session) -> bytes:
@@ -99,11 +100,25 @@ class PrefixCache:
         self.by_device[block] = b
         self.pool.known.add(block)
 
+    def may_detach(self, block: int) -> bool:
+        """It can leave the cache without losing KV a swapped-out session needs."""
+        b = self.by_device.get(block)
+        return b is None or b.num_swapped == 0 or b.host is not None
+
     def detach(self, block: int):
         """A block leaves the cache at once rather than when reclaimed (a prefetch takes it)."""
         if block in self.by_device:
             self.pool.known.discard(block)
             self._reclaimed(block)
+
+    def _keeps(self, block: int) -> bool:
+        """The last holder let go of a block that swapped-out sessions need and that has no host
+        copy: the cache holds it until the pager has copied it (see spills)."""
+        b = self.by_device[block]
+        if b.num_swapped and b.host is None:
+            self.spills.append(block)
+            return True
+        return False
 
     def _reclaimed(self, block: int):
         b = self.by_device.pop(block)
@@ -143,8 +158,9 @@ class PrefixCache:
 
     # ---- paging --------------------------------------------------------------------------------
     def uncopied(self, s: Session) -> list[int]:
-        """Positions of s's known blocks with no host copy: evicting s copies those."""
-        return [i for i, b in enumerate(self.swapped(s)) if b.host is None]
+        """Positions of s's known blocks that only s holds and that have no host copy: evicting s
+        copies those; the others stay on the device with the sessions that hold them."""
+        return [i for i, b in enumerate(self.swapped(s)) if b.host is None and self.pool.refs[b.device] == 1]
 
     def swapped_out(self, s: Session, copied: list[int], host_blocks: list[int]):
         """s's KV left the device; its known blocks at positions `copied` are copied to host_blocks."""
@@ -172,7 +188,8 @@ class PrefixCache:
         for b in self.known.values():
             assert b.device is not None or b.host is not None, "an entry holds no KV"
             assert b.device is None or self.by_device[b.device] is b, "an entry's device block maps elsewhere"
-            assert b.num_swapped == 0 or b.host is not None, "a swapped session's block has no host copy"
+            assert b.num_swapped == 0 or b.host is not None or (b.device is not None and self.pool.refs[b.device]), \
+                "a block a swapped session needs is neither on the host nor held on the device"
 
     # ---- reporting -----------------------------------------------------------------------------
     def status(self) -> dict:
