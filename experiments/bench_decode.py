@@ -251,7 +251,10 @@ def build_report(a, rows, facts, bw, batches, contexts, prefill_lens, device) ->
     report["by_context"] = {str(c): {
         "results": {name: {f"decode_tps_b{b}": tps for b, tps in row["decode_tps"].get(c, {}).items()}
                     for name, row in rows.items()},
-        "roofline_tps": roofline(facts, bw, batches, c, a.new_tokens)} for c in contexts}
+        "roofline_tps": roofline(facts, bw, batches, c, a.new_tokens),
+        **({"roofline_tps_fp8kv": roofline({**facts, "kv_bytes_per_token": facts["kv_bytes_per_token_fp8kv"]}, bw,
+                                           batches, c, a.new_tokens)} if "djinnd_fp8kv" in rows else {})}
+        for c in contexts}
     report["prefill"] = {str(n): {name: {"ms": row["prefill_ms"][n], "tflops": prefill_tflops(facts, n, row["prefill_ms"][n]),
                                          "share_of_peak": prefill_tflops(facts, n, row["prefill_ms"][n]) / peak}
                                   for name, row in rows.items() if n in row["prefill_ms"]} for n in prefill_lens}
@@ -274,6 +277,7 @@ def main():
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--hf-max-tokens", type=int, default=65536, help="HF runs where batch x context is at most this")
     p.add_argument("--skip-eager", action="store_true")
+    p.add_argument("--fp8-kv", action="store_true", help="also the engine with kv_cache_dtype fp8_e4m3 (djinnd_fp8kv)")
     p.add_argument("--peak-tflops", type=float, default=0, help="0: from the device name (dense bf16)")
     p.add_argument("--socket-agents", type=int, default=0, help="also stream this many agent processes via a daemon")
     p.add_argument("--out", default="results/bench_decode.json")
@@ -287,6 +291,10 @@ def main():
     free_device_memory()               # the engine's pool and graphs go before HF needs room
     if not a.skip_hf:
         rows["hf_generate"] = measure_hf(model, batches, contexts, prefill_lens, facts, a)
+        free_device_memory()
+    if a.fp8_kv:
+        rows["djinnd_fp8kv"], fp8, _ = measure_engine(a, batches, contexts, [], {"kv_cache_dtype": "fp8_e4m3"})
+        facts["kv_bytes_per_token_fp8kv"] = fp8["kv_bytes_per_token"]
         free_device_memory()
     if not a.skip_eager:
         rows["djinnd_eager"], _, _ = measure_engine(a, batches[:2], contexts[:1], prefill_lens[:1],
@@ -322,7 +330,8 @@ def print_table(r):
     for c, block in r["by_context"].items():
         roof = block["roofline_tps"]
         for name, row in block["results"].items():
-            cells = [(row.get("decode_tps_" + k), roof[k]) for k in cols]
+            own = block.get("roofline_tps_fp8kv", roof) if name == "djinnd_fp8kv" else roof   # % of its own roofline
+            cells = [(row.get("decode_tps_" + k), own[k]) for k in cols]
             print(f"{c:>8} {name:14} " + " ".join(f"{t:>9.1f} ({100 * t / m:>3.0f}%)" if t else f"{'-':>16}"
                                                    for t, m in cells))
         print(f"{c:>8} {'roofline':14} " + " ".join(f"{roof[k]:>16.1f}" for k in cols))
