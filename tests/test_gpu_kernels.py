@@ -168,3 +168,14 @@ def test_split_kernel_reads_an_fp8_cache():
     same_cache = decode_attention_torch(q.double(), k8, v8, tables, ctx, width)
     full = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
     assert rel_err(out, same_cache) < TOL[torch.bfloat16] and rel_err(out, full) < 0.05
+
+
+def test_an_fp8_kv_engine_decodes_and_its_first_tokens_equal_the_full_precision_pools():
+    """kv_cache_dtype fp8_e4m3 on CUDA: graphs and the split-K kernel read the fp8 pool; each prompt
+    fits one chunk, so its first token (from its own K/V) equals the fp32 pool's."""
+    from conftest import random_prompts
+    prompts = random_prompts(128256, [1500, 300, 37], seed=6)
+    fp8, out_fp8 = engine_tokens({"kv_cache_dtype": "fp8_e4m3"}, prompts, 16)
+    _, out_full = engine_tokens({}, prompts, 16)
+    assert fp8.pool.k.dtype == torch.float8_e4m3fn and all(len(t) == 16 for t in out_fp8)
+    assert [t[0] for t in out_fp8] == [t[0] for t in out_full]
