@@ -11,6 +11,7 @@ prompts arriving, only gaps that end between the first arrival and the last prom
 Random presets are seeded random weights in real shapes: honest for speed and memory, not text.
 """
 import argparse
+import gc
 import json
 import os
 import queue
@@ -126,8 +127,13 @@ def main():
     a = p.parse_args()
     budgets = [float(x) for x in a.max_step_ms.split(",")]
     device = "cuda" if a.device == "auto" and torch.cuda.is_available() else a.device
-    runs = {f"{ms:g} {'mixed' if mixed else 'split'}": measure(a, ms, bool(mixed))
-            for ms in budgets for mixed in [int(x) for x in a.mixed_steps.split(",")]}
+    runs = {}
+    for ms in budgets:
+        for mixed in [int(x) for x in a.mixed_steps.split(",")]:
+            runs[f"{ms:g} {'mixed' if mixed else 'split'}"] = measure(a, ms, bool(mixed))
+            gc.collect()                 # the last engine's pool and graphs go before the next sizes its pool
+            if device == "cuda":
+                torch.cuda.empty_cache()
     report = {**stamp(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "model": a.model, "sessions": a.sessions, "context": a.context,
               "prompt_len": a.prompt_len, "arrivals": a.arrivals, "runs": runs}
