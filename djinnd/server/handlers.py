@@ -42,6 +42,7 @@ class Connection:
         self.on_overflow = None                 # called once the client leaves too much unread
         self.behind_fds: deque = deque()        # (frame, fds) waiting to go out in order, fds first
         self.raw = None                         # our copy of the socket, for sendmsg
+        self.retry = None                       # the timer of the next _send_with_fds, if one is set
 
     def send(self, message: dict, counted: bool = True):
         """counted: the message answers a request handle() counted (False: refused before that)."""
@@ -55,9 +56,10 @@ class Connection:
             return
         if fds or self.behind_fds:
             self.behind_fds.append((encode_frame(message), fds))
-            return self._send_with_fds()
-        self.writer.write(encode_frame(message))
-        unread = self.writer.transport.get_write_buffer_size()
+            self._send_with_fds()
+        else:
+            self.writer.write(encode_frame(message))
+        unread = self.writer.transport.get_write_buffer_size() + sum(len(f) for f, _ in self.behind_fds)
         if self.limits and unread > self.limits.max_unread_reply_mb * 2**20 and self.on_overflow:
             self.on_overflow(unread)
 
@@ -68,14 +70,14 @@ class Connection:
             if self.writer.is_closing():
                 return self.closed()
             if self.writer.transport.get_write_buffer_size():
-                return self.loop.call_later(0.001, self._send_with_fds)
+                return self._retry()
             frame, fds = self.behind_fds[0]
             if fds:
                 self.raw = self.raw or socket.socket(fileno=os.dup(self.writer.get_extra_info("socket").fileno()))
                 try:
                     sent = socket.send_fds(self.raw, [frame], fds)
                 except BlockingIOError:
-                    return self.loop.call_later(0.001, self._send_with_fds)
+                    return self._retry()
                 except OSError:
                     return self.closed()
                 _close_all(fds)
@@ -83,6 +85,14 @@ class Connection:
             self.behind_fds.popleft()
             if frame:
                 self.writer.write(frame)
+
+    def _retry(self):
+        if self.retry is None:              # one timer, however many frames wait
+            self.retry = self.loop.call_later(0.001, self._retried)
+
+    def _retried(self):
+        self.retry = None
+        self._send_with_fds()
 
     def closed(self):
         """The connection is gone: descriptors not sent yet are closed."""
