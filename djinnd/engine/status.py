@@ -40,6 +40,7 @@ def memory_probe(engine) -> dict:
     """One timeline sample: read from the sampler thread, so only plain counters."""
     pool, arena = engine.pool, engine.arena
     return {"kv_pool_used_bytes": pool.num_used * pool.block_bytes,
+            "kv_pool_cached_bytes": pool.num_cached * pool.block_bytes,   # reclaimable prefix cache
             "kv_pool_bytes": pool.num_blocks * pool.block_bytes,
             "host_arena_used_bytes": arena.num_used * arena.block_bytes,
             "sessions": len(engine.sessions),
