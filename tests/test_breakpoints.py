@@ -124,10 +124,21 @@ for bp in djinn.session().trace(prompt_ids=[4, 5, 6], max_new_tokens=3, breakpoi
 """
 
 
+def holds(daemon, segment: str) -> bool:
+    """Whether the daemon still holds the pause's segment (a memfd: no /dev/shm name, an open descriptor)."""
+    links = []
+    for n in os.listdir(f"/proc/{daemon.proc.pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{daemon.proc.pid}/fd/{n}"))
+        except OSError:
+            pass                                      # closed while we looked
+    return any(link.startswith(f"/{segment} ") or link == f"/{segment}" for link in links)
+
+
 def test_client_killed_while_paused_is_cleaned_up(tiny_daemon):
     agent = subprocess.Popen([sys.executable, "-c", AGENT, tiny_daemon.socket], stdout=subprocess.PIPE, text=True)
     segment = agent.stdout.readline().strip()
-    assert os.path.exists(f"/dev/shm{segment}")
+    assert holds(tiny_daemon, segment)
     os.kill(agent.pid, signal.SIGKILL)
     agent.wait()
     with libdjinn.connect(tiny_daemon.socket) as djinn:
@@ -135,7 +146,7 @@ def test_client_killed_while_paused_is_cleaned_up(tiny_daemon):
         while any(r["owner_pid"] == agent.pid for r in djinn.status()["sessions"]):
             assert time.time() < deadline
             time.sleep(0.05)
-    assert not os.path.exists(f"/dev/shm{segment}")
+    assert not holds(tiny_daemon, segment)
 
 
 def test_breakpoint_layer_out_of_range_names_the_range(tiny_daemon):
