@@ -174,17 +174,17 @@ class Pager:
         if not self.pool.can_allocate(need):
             self.pool.free([b for b in slots if b is not None])
             return False
-        self._wait_fills(s, shared)
+        self.wait_fills(s, shared)
         blocks = list(taken) + self.pool.allocate(need)
         copies = self.prefix.fill(shared, slots, blocks)
         blocks = blocks[len(copies):]
         free_host = s.host_runs + [(h, 1) for h in self.prefix.unswap(s.block_keys)]
-        self._copy_in(s, [(h, 1) for h, _ in copies] + s.host_runs, [d for _, d in copies] + blocks[:private],
+        self.copy_in(s, [(h, 1) for h, _ in copies] + s.host_runs, [d for _, d in copies] + blocks[:private],
                       cause, after, free_host)
         s.host_runs, s.kv, s.block_table = [], KVPlace.DEVICE, slots + blocks
         return True
 
-    def _copy_in(self, s: Session, runs: list, blocks: list[int], cause: str, after=(), free_host=()):
+    def copy_in(self, s: Session, runs: list, blocks: list[int], cause: str, after=(), free_host=()):
         """One copy in for s; `free_host` is freed once it is done."""
         if not blocks:
             self._free_host_later(s, list(free_host))
@@ -196,56 +196,11 @@ class Pager:
             if b in self.prefix.by_device:
                 self.prefix.by_device[b].filling = t    # sharers that come meanwhile wait for it too
 
-    def _wait_fills(self, s: Session, shared: list):
+    def wait_fills(self, s: Session, shared: list):
         """s's forward waits for copies in flight that fill shared blocks it takes."""
         for b in shared:
             if b.filling is not None and b.filling in self.swapper.in_flight and b.filling not in s.transfers:
                 s.transfers.append(b.filling)
-
-    def shared_held(self, s: Session) -> int:
-        """Blocks admitting s shares with sessions holding them now: they take no room."""
-        return self.prefix.num_held(self.prefix.swapped(s) if s.kv is KVPlace.HOST else self.prefix.lookup(s))
-
-    def attach_prefix(self, s: Session):
-        """Admission of a request with uncached history: it takes every known block of its prompt
-        (held ones shared, cached ones revived, ones only on the host copied back) and feeds only
-        the rest."""
-        if s.prefix_root is None:
-            return
-        self.prefix.num_query_tokens += s.num_new_tokens
-        found = self.prefix.lookup(s)
-        slots = self.prefix.pin(found)
-        self._wait_fills(s, found)
-        copies = self.prefix.fill(found, slots, self.pool.allocate(slots.count(None)))
-        self._copy_in(s, [(h, 1) for h, _ in copies], [d for _, d in copies], "prefix")
-        s.block_table += slots
-        s.block_keys += [b.key for b in found]
-        s.num_cached += len(found) * self.pool.block_size
-        s.request.num_cached = s.num_cached
-        self.prefix.num_hit_tokens += len(found) * self.pool.block_size
-
-    def settle(self, s: Session):
-        """A request ended: s lets go of known blocks past its history (a cancelled request cut it),
-        and its full blocks become known, duplicates merged."""
-        self.prefix.cut(s)
-        self.prefix.register(s, may_move=not s.transfers)
-
-    def copy_on_write(self, s: Session):
-        """Admission: s writes from num_cached on. Known blocks from there (its history was cut
-        inside one) become its own: taken out of the cache when nobody else holds them, else
-        replaced by fresh blocks (counted by blocks_needed), the one the history ends inside copied."""
-        first = s.num_cached // self.pool.block_size
-        for i in range(first, len(s.block_keys)):
-            block = s.block_table[i]
-            if self.pool.refs[block] == 1 and self.prefix.may_detach(block):
-                self.prefix.detach(block)
-                continue
-            s.block_table[i] = self.pool.allocate(1)[0]
-            if i * self.pool.block_size < s.num_cached:
-                self.swapper.wait_before_compute([t for t in s.transfers if t.direction == "in"])
-                self.pool.copy_block(block, s.block_table[i])
-            self.pool.free([block])
-        del s.block_keys[first:]
 
     def prefetch(self, s: Session, cause: str, due: float | None = None) -> bool:
         """Bring s's KV back before its request comes. Room comes from free blocks no queued request

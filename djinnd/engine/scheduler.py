@@ -11,6 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from djinnd.engine import prefix_admission
 from djinnd.engine.step_budget import StepBudget
 from djinnd.session import KVPlace, Session, SessionState
 
@@ -50,7 +51,7 @@ class Scheduler:
         """Blocks to reserve so the whole request fits (decode never runs out mid-way), less the
         shared prefix blocks other sessions hold already."""
         cow = max(0, len(s.block_keys) - s.num_cached // self.pool.block_size)  # copies of shared blocks it cut in
-        return max(0, self._blocks_total(s) - len(s.block_table) - self.pager.shared_held(s) + cow)
+        return max(0, self._blocks_total(s) - len(s.block_table) - prefix_admission.shared_held(self.pager, s) + cow)
 
     def _blocks_total(self, s: Session) -> int:
         return self.pool.blocks_for(len(s.tokens) + s.request.params.max_new_tokens)
@@ -92,12 +93,12 @@ class Scheduler:
                 if not self.pager.restore(s, "restore"):
                     break               # room counted just now: cannot happen, but never admit it swapped
             else:
-                self.pager.attach_prefix(s)     # known blocks of its prompt: only the rest is fed
+                prefix_admission.attach_prefix(self.pager, s)     # known blocks of its prompt: only the rest is fed
                 if s.kv is KVPlace.DROPPED:     # its history is prefilled again: GPU time the drop cost
                     self.pager.metrics.inc("recomputed_tokens", max(0, len(s.tokens) - s.num_cached
                                                                     - s.request.num_prompt_tokens))
                 s.kv = KVPlace.DEVICE
-            self.pager.copy_on_write(s)
+            prefix_admission.copy_on_write(self.pager, s)
             s.block_table += self.pool.allocate(max(0, self._blocks_total(s) - len(s.block_table)))
             self.waiting.remove(s)
             s.change_state(SessionState.RUNNING)
@@ -146,7 +147,7 @@ class Scheduler:
         keep = self.pool.blocks_for(len(s.tokens))
         self.pool.free(s.block_table[keep:])
         del s.block_table[keep:]
-        self.pager.settle(s)        # its full blocks become known to the prefix cache
+        prefix_admission.settle(self.pager, s)        # its full blocks become known to the prefix cache
 
     def drop(self, s: Session):
         """Forget a session entirely (closed, or its client died) and free all its KV."""
