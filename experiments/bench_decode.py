@@ -119,7 +119,9 @@ def hf_generate_s(hf, ids, new_tokens) -> float:
 
 
 def hf_decode_tps(hf, ids, new_tokens) -> float:
-    hf_generate_s(hf, ids[:, :16], 2)    # warm-up
+    # warm-up at this shape; on CPU at every length it will decode through: its matmul and attention
+    # kernels are set up per shape, and a first pass ran 20x slower than the next ones
+    hf_generate_s(hf, ids, new_tokens if ids.device.type == "cpu" else 2)
     return ids.shape[0] * (new_tokens - 1) / (hf_generate_s(hf, ids, new_tokens) - hf_generate_s(hf, ids, 1))
 
 
@@ -157,6 +159,8 @@ def measure_engine(a, batches, contexts, prefill_lens, overrides) -> tuple[dict,
                 row["skipped"].append(f"decode b{b} at {c}")
                 continue
             prompts = random_tokens(b, c, facts["vocab"]).tolist()
+            if engine.device.type == "cpu":   # warm-up through every length, as HF gets (kernels set up per shape)
+                engine_decode_tps(client, random_tokens(b, c, facts["vocab"], salt=3).tolist(), a.new_tokens)
             row["decode_tps"].setdefault(c, {})[b] = engine_decode_tps(client, prompts, a.new_tokens)
             print(f"  {overrides or 'djinnd'}: context {c} b{b}: {row['decode_tps'][c][b]:.1f} tok/s", flush=True)
     engine.stop()
@@ -174,6 +178,7 @@ def measure_hf(model, batches, contexts, prefill_lens, facts, a) -> dict:
             row["skipped"].append(f"prefill {n}")
             continue
         ids = random_tokens(1, n, facts["vocab"], salt=1).to(dev)
+        hf_generate_s(hf, ids, 1)                                                      # warm-up at this shape
         row["prefill_ms"][n] = 1e3 * statistics.median(hf_generate_s(hf, ids, 1) for _ in range(3 if n <= 8192 else 1))
     for c in contexts:
         for b in batches:
