@@ -40,6 +40,9 @@ def test_streamed_logits_and_tokens_equal_resident_on_cuda():
     resident = run(engine_for(export_weights=False), prompts)   # an exported buffer's IPC handle pins it for good
     gc.collect()
     torch.cuda.empty_cache()
+    # What the stopped resident engine still holds in this process (H200 2026-12-02: ~1.3 GiB) is not
+    # the streamed engine's footprint, which is what the bound below is about.
+    leftover = torch.cuda.memory_allocated()
     engine = engine_for(weights_budget_mb=4096.0, prefetch_depth=2, stream_chunk_mb=64.0)
     streamer = engine.loaded.model.streamer
     assert streamer is not None and streamer.num_streamed > 20
@@ -48,7 +51,7 @@ def test_streamed_logits_and_tokens_equal_resident_on_cuda():
     torch.cuda.reset_peak_memory_stats()
     streamed = run(engine, prompts)
     peak = torch.cuda.max_memory_allocated()
-    assert peak < (4096 + 1024 + 1024) * 2**20       # weights budget (ring included) + KV pool + activations
+    assert peak - leftover < (4096 + 1024 + 1024) * 2**20   # weights budget (ring included) + KV pool + activations
     for a, b in zip(resident[0], streamed[0]):
         assert torch.equal(a, b), (a - b).abs().max()        # same bits: same kernels on the same weights
     assert streamed[1] == resident[1]
