@@ -109,8 +109,8 @@ def decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, num_
         return F.scaled_dot_product_attention(q[:, :, None], keys[:, :, :n], values[:, :, :n],
                                               enable_gqa=num_heads != num_kv_heads)[:, :, 0]
     visible = torch.arange(keys.shape[2], device=q.device)[None, :] < context_lens[:, None]   # [B, K]
-    keys = keys.where(visible[:, None, :, None], 0)       # blocks it does not own may hold NaN: 0 x NaN is NaN
-    values = values.where(visible[:, None, :, None], 0)
+    hidden = ~visible[:, None, :, None]                     # blocks it does not own may hold NaN: 0 x NaN is NaN
+    keys, values = keys.masked_fill_(hidden, 0), values.masked_fill_(hidden, 0)   # in place: gathered copies
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible[:, None, None, :],
                                          enable_gqa=num_heads != num_kv_heads)
     return out[:, :, 0]
