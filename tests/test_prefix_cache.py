@@ -242,6 +242,31 @@ def test_swap_in_copies_shared_blocks_back_once_they_left_the_device():
     integrity(sched)
 
 
+def test_a_session_that_waited_for_another_sessions_copy_in_frees_its_blocks_when_closed():
+    """Regression (soak: 13 KV blocks used with no session left): a session that took shared blocks
+    while another session's copy in still filled them kept that copy in its transfers after it
+    finished, so closing it handed its blocks to a finished copy that never freed them."""
+    pool = pool_of(8, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    a, b = shared_pair(sched)
+    sched.pager.evict(a, "test")
+    sched.pager.evict(b, "test")
+    sched.pager.poll()
+    filler = session(3, list(range(300, 327)))  # takes every block: the shared ones live on the host only
+    run(sched, filler)
+    sched.drop(filler)
+    sched.drop(a)
+    again(b, [9])
+    c = session(4, PREFIX + [5])
+    run(sched, b, c)                            # b's copy in fills the shared blocks; c takes them meanwhile
+    assert c.num_cached == len(PREFIX) + 1 and not c.transfers
+    sched.drop(c)
+    sched.drop(b)
+    sched.pager.poll()
+    assert pool.num_used == 0 and sched.pager.arena.num_used == 0
+    integrity(sched)
+
+
 def test_a_session_closed_while_its_blocks_are_shared_leaves_them_to_the_sharer():
     pool = pool_of(20, BS)
     sched = scheduler_of(pool, "lru", host_blocks=20)

@@ -264,14 +264,17 @@ class Pager:
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def poll(self):
-        for t in self.swapper.poll():
+        done = self.swapper.poll()
+        for t in done:
             if t.direction == "in" and t.ms:
                 self.in_bytes_per_s = 0.8 * self.in_bytes_per_s + 0.2 * t.nbytes / (t.ms / 1e3)
             self.pool.free(t.free_device)
             self.arena.free(t.free_host)
-            s = self.sessions.get(t.session)
-            if s is not None and t in s.transfers:
-                s.transfers.remove(t)
+        if done:    # not only its own session: sharers that waited for a fill hold it too (wait_fills)
+            gone = {id(t) for t in done}
+            for s in self.sessions.values():
+                if s.transfers:
+                    s.transfers = [t for t in s.transfers if id(t) not in gone]
         self._spill()
 
     def _spill(self):
