@@ -1,11 +1,15 @@
 """Shared prefix KV, without a model: content keys, reference counts, copy-on-write, the cache's
 reclaim order, paging of shared blocks and sessions closed while others share their blocks."""
+import itertools
+import random
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 
+from djinnd.engine import aborts
 from djinnd.memory.prefix_cache import block_key, root_key
-from djinnd.session import KVPlace, Request, SamplingParams, Session, SessionState
+from djinnd.session import KVPlace, Phase, Request, SamplingParams, Session, SessionState
 from test_scheduler import pool_of, scheduler_of
 
 BS = 4      # tokens per block in these tests
@@ -388,7 +392,6 @@ def admit_and_run(sched, s: Session, prompt: list[int]) -> bool:
 
 @pytest.mark.parametrize("policy, seed", [("lru", 1), ("lru", 2), ("recompute", 3), ("semantic", 4)])
 def test_random_sharing_paging_and_cuts_never_lose_or_overwrite_kv(policy, seed):
-    import random
     rng = random.Random(seed)
     pool = pool_of(24, BS)
     sched = scheduler_of(pool, policy, host_blocks=40)
@@ -421,3 +424,97 @@ def test_random_sharing_paging_and_cuts_never_lose_or_overwrite_kv(policy, seed)
             if v.kv is KVPlace.DEVICE and v.block_table:
                 assert_kv_is_history(pool, v)
     assert served > 40 and sched.pager.prefix.num_hit_tokens > 0
+
+
+# ---- requests ended at any point: no block outlives its holders --------------------------------
+
+class EndsRequests:
+    """The engine's side of ending a request, as aborts.abort calls it."""
+    def __init__(self, sched):
+        self.scheduler, self.pager, self.arena = sched, sched.pager, sched.pager.arena
+        self.metrics = sched.pager.metrics
+        self.replies, self.breaks = {}, SimpleNamespace(discard=lambda s: None)
+
+    def _end(self, s, reason, event):
+        self.scheduler.finish(s)
+        s.request = None
+        self.replies.pop(s.id, None)
+
+
+def random_step(sched, engine, rng):
+    """Admit what fits; each running session decodes a token, ends, pauses or resumes, at random."""
+    sched.schedule()
+    for s, _ in sched.refused:
+        del s.tokens[len(s.tokens) - s.request.num_prompt_tokens:]
+        s.request = None
+        s.change_state(SessionState.IDLE)
+    sched.refused.clear()
+    for s in list(sched.running):
+        if s.state is SessionState.PAUSED and s.kv is KVPlace.DEVICE and rng.random() < 0.3:
+            s.change_state(SessionState.RUNNING)
+        elif s.state is SessionState.RUNNING and rng.random() < 0.7:
+            s.num_cached = len(s.tokens)
+            s.tokens.append(1000 + s.id)
+            s.request.output.append(1000 + s.id)
+            if len(s.request.output) >= s.request.params.max_new_tokens:
+                engine._end(s, "length", None)
+            elif rng.random() < 0.2:
+                s.change_state(SessionState.PAUSED)     # at a breakpoint: may be paged meanwhile
+
+
+@pytest.mark.parametrize("policy, seed", [("lru", 19), ("semantic", 66), ("recompute", 3)])
+def test_requests_cancelled_paused_or_closed_at_any_point_leave_no_block_held(policy, seed):
+    """Requests queued, admitted, paused, swapped, cut or cancelled at random, with copies left in
+    flight between steps: reference counts always match the holders and nothing is held at the end."""
+    rng = random.Random(seed)
+    pool = pool_of(rng.randrange(15, 24), BS)
+    sched = scheduler_of(pool, policy, host_blocks=rng.randrange(2, 30))
+    engine, pager = EndsRequests(sched), sched.pager
+    common = [rng.randrange(1, 50) for _ in range(20)]
+
+    ids = itertools.count(1)
+
+    def fresh():
+        s = session(next(ids), [])
+        s.request, pager.sessions[s.id] = None, s
+    for _ in range(5):
+        fresh()
+    for _ in range(600):
+        s, op = rng.choice(list(pager.sessions.values())), rng.random()
+        if op < 0.25 and s.state is SessionState.IDLE and len(s.tokens) < 10 * BS:
+            prompt = common[:rng.randrange(0, 21)] if not s.tokens else []
+            prompt += [rng.randrange(1, 50) for _ in range(rng.randrange(1, 6))]
+            if rng.random() < 0.2:
+                s.prefix_root = None            # breakpoints: the session leaves prefix sharing
+            again(s, prompt, max_new=3)
+            engine.replies[s.id] = lambda event: None
+            sched.add(s)
+        elif op < 0.45:
+            random_step(sched, engine, rng)
+        elif op < 0.55 and s.request is not None:
+            aborts.cancel(engine, s)
+        elif op < 0.65 and s.kv is KVPlace.DEVICE and s.state is not SessionState.RUNNING and not s.transfers:
+            pager.evict(s, "pressure")
+        elif op < 0.72 and s.kv is KVPlace.HOST and s.state is SessionState.IDLE and not s.transfers:
+            pager.prefetch(s, "active", due=0.0)
+        elif op < 0.78 and s.state is SessionState.IDLE and s.tokens:
+            pager.truncate(s, rng.randrange(0, len(s.tokens)))
+        elif op < 0.85:
+            sched.drop(s)
+            fresh()
+        elif op < 0.90:
+            pager.poll()
+        elif op < 0.95:
+            pager.on_phase(s, rng.choice([Phase.IO_WAIT, Phase.ACTIVE]), rng.choice([None, 0.0, 100.0]))
+        else:
+            pager.tick()
+        in_flight = [b for t in pager.swapper.in_flight for b in t.free_device] + pager.prefix.spills
+        pool.check_integrity([v.block_table for v in pager.sessions.values()], in_flight)
+        pager.prefix.check_integrity()
+    for s in list(pager.sessions.values()):
+        if s.request is not None:
+            aborts.cancel(engine, s)
+        sched.drop(s)
+    pager.poll()
+    pager.poll()                                # spills copied, then cached
+    assert pool.num_used == 0 and pager.arena.num_used == 0
