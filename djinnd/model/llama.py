@@ -1,8 +1,9 @@
-"""One Llama-family model (Llama 2/3, Mistral, SmolLM) over the paged KV cache.
+"""One Llama-family model (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) over the paged KV cache;
+the families' differences are named options of ModelArgs read from config.json.
 
 Q/K/V and gate/up projections are fused at load (one matmul each); `hf_state_dict` gives the
 HF-named tensors back as views of the fused ones, so tests and attached processes can load our
-weights into HF's LlamaForCausalLM without a copy. How attention reads the KV cache (prefill or
+weights into the family's transformers class without a copy. How attention reads the KV cache (prefill or
 decode, torch or kernel) is the forward context's business, not the model's.
 """
 from dataclasses import dataclass
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from djinnd.model.rope import apply_rope, check_rope, rope_tables
-
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # HF model_type values this one model serves
 
