@@ -303,11 +303,19 @@ def test_connection_cap_answers_and_does_not_flood_the_log(limited):
     assert limited.log().count("max_connections") <= 2
 
 
+def others_can_reach(path: str) -> bool:
+    """Every folder above the file a link resolves to is searchable by others (a venv's python may
+    be a link into /root, and its standard library too)."""
+    real = pathlib.Path(os.path.realpath(path))
+    return all(os.stat(p).st_mode & 0o001 for p in real.parents if str(p) != "/")
+
+
 def other_user_python(executable: str):
     """Yields (python, PYTHONPATH) another uid can run libdjinn with: `executable` if others can reach
     it, else the system python of the same version with copies of libdjinn's three dependencies."""
-    reachable = all(os.stat(p).st_mode & 0o001 for p in pathlib.Path(executable).parents if str(p) != "/")
-    if reachable:
+    base = subprocess.run([executable, "-c", "import sys; print(sys.base_prefix)"], capture_output=True,
+                          text=True).stdout.strip()
+    if others_can_reach(executable) and others_can_reach(os.path.join(base, "lib")):
         yield executable, ROOT
         return
     system = shutil.which("python3", path="/usr/bin:/bin")
