@@ -6,7 +6,7 @@ forward and freed when the connection closes.
 import torch
 
 from djinnd.engine.commands import EngineError
-from djinnd.memory.activations import ActivationSegment, QuotaExceeded, SegmentQuota
+from djinnd.memory.activations import ActivationSegment, QuotaExceeded, SegmentQuota, SegmentTable
 from djinnd.session import Session
 from libdjinn.protocol import ErrorCode
 
@@ -15,7 +15,7 @@ class GhostForwards:
     def __init__(self, runner, pool, max_model_len: int, max_tokens: int, quota: SegmentQuota | None = None):
         self.runner, self.pool, self.max_model_len, self.max_tokens = runner, pool, max_model_len, max_tokens
         self.quota = quota
-        self.segments: dict[int, ActivationSegment] = {}    # connection id -> its last forward's logits
+        self.segments = SegmentTable()      # connection id -> its last forward's logits
 
     def run(self, owner: int, rows: list[list[int]]) -> dict:
         """rows [B][T] token ids -> descriptor of float32 logits [B, T, vocab] in shared memory."""
@@ -55,14 +55,11 @@ class GhostForwards:
     def _publish(self, owner: int, logits: torch.Tensor) -> dict:
         segment = ActivationSegment(logits.shape, torch.float32, self.quota, owner, share="read")
         segment.write(logits)                  # device -> shared memory (synchronizes before the blocks go back)
-        self.segments[owner] = segment
+        self.segments.put(owner, segment)
         return segment.descriptor()
 
     def release(self, owner: int):
-        segment = self.segments.pop(owner, None)
-        if segment:
-            segment.close()
+        self.segments.release(owner)
 
     def close(self):
-        for owner in list(self.segments):
-            self.release(owner)
+        self.segments.close()

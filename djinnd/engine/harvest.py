@@ -8,7 +8,7 @@ import torch
 
 from djinnd.engine.commands import EngineError
 from djinnd.engine.interventions import host_bytes, write_segment
-from djinnd.memory.activations import ActivationSegment, QuotaExceeded
+from djinnd.memory.activations import ActivationSegment, QuotaExceeded, SegmentTable
 from djinnd.session import Session
 from libdjinn.protocol import ErrorCode
 
@@ -17,7 +17,7 @@ class Harvester:
     def __init__(self, runner, pool, max_model_len: int, max_tokens: int, quota=None):
         self.runner, self.pool, self.max_model_len, self.max_tokens = runner, pool, max_model_len, max_tokens
         self.quota = quota                  # segments count against their connection's and uid's caps
-        self.segments: dict[int, ActivationSegment] = {}    # connection id -> its last harvest
+        self.segments = SegmentTable()      # connection id -> its last harvest
 
     def run(self, owner: int, prompts: list[list[int]], layers: list[int]) -> dict:
         """Descriptor of [len(layers), sum of prompt lengths, hidden_size], prompts in order."""
@@ -54,7 +54,7 @@ class Harvester:
             segment = ActivationSegment((len(layers), total, hidden), dtype, self.quota, owner)
         except QuotaExceeded as e:
             raise EngineError(ErrorCode.LIMIT, f"harvest: {e}") from None
-        self.segments[owner] = segment
+        self.segments.put(owner, segment)
         row_bytes = total * hidden * torch.empty((), dtype=dtype).element_size()
 
         def after(i: int, h):
@@ -65,10 +65,7 @@ class Harvester:
         return segment.descriptor()
 
     def release(self, owner: int):
-        segment = self.segments.pop(owner, None)
-        if segment:
-            segment.close()
+        self.segments.release(owner)
 
     def close(self):
-        for owner in list(self.segments):
-            self.release(owner)
+        self.segments.close()

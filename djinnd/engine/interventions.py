@@ -16,7 +16,7 @@ import posix_ipc
 import torch
 
 from djinnd.engine import commands as cmd
-from djinnd.memory.activations import ActivationSegment
+from djinnd.memory.activations import ActivationSegment, SegmentTable
 
 log = logging.getLogger("djinnd.interventions")
 
@@ -70,7 +70,7 @@ class Interventions:
     def __init__(self, hidden_size: int, dtype, device):
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.active: dict[int, Active] = {}                 # session id -> its request's interventions
-        self.segments: dict[int, ActivationSegment] = {}    # session id -> its last capture segment
+        self.segments = SegmentTable()      # session id -> its last capture segment
 
     def of(self, session_id: int) -> Active | None:
         return self.active.get(session_id)
@@ -108,9 +108,7 @@ class Interventions:
     def close(self, session_id: int):
         """The session is gone (or captures again): unlink its segment."""
         self.end(session_id)
-        segment = self.segments.pop(session_id, None)
-        if segment is not None:
-            segment.close()
+        self.segments.release(session_id)
 
     def close_all(self):
         for session_id in list(self.segments):

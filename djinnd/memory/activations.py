@@ -140,6 +140,24 @@ class ActivationSegment:
             pass
 
 
+class SegmentTable(dict):
+    """Each key's (a connection's or a session's) latest segment; putting a new one, releasing the key
+    or closing the table unlinks what it replaces."""
+
+    def put(self, key: int, segment: "ActivationSegment"):
+        self.release(key)
+        self[key] = segment
+
+    def release(self, key: int):
+        segment = self.pop(key, None)
+        if segment is not None:
+            segment.close()
+
+    def close(self):
+        for key in list(self):
+            self.release(key)
+
+
 class _opened:
     def __init__(self, name: str):
         self.shm = posix_ipc.SharedMemory(name)
