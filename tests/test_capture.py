@@ -144,6 +144,50 @@ def test_harvest_splits_prompts_over_the_daemons_limit(tiny_daemon):
     torch.testing.assert_close(h.prompt(4, 0), single[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_harvest_over_several_sub_batches_equals_one_prompt_at_a_time(tiny_daemon):
+    """The daemon runs a call as sub-batches of 16 tokens here (a quarter of its 64): each prompt's rows,
+    at every layer asked for and in the order asked, are those it gets alone."""
+    prompts = random_prompts(512, [5, 9, 20, 3, 14, 1, 8], seed=58)       # 6 sub-batches, one call
+    with libdjinn.connect(tiny_daemon.socket) as djinn:
+        h = djinn.harvest(prompts, layers=[3, 0])
+        alone = [djinn.harvest([p], layers=[3, 0]) for p in prompts]
+        assert len(h._parts) == 1
+        for i, single in enumerate(alone):
+            for layer in (0, 3):
+                torch.testing.assert_close(h.prompt(i, layer), single[layer], rtol=1e-5, atol=1e-5)
+
+
+def test_a_write_failing_mid_harvest_leaves_no_blocks_segment_or_thread(monkeypatch):
+    """The segment's third write fails (tmpfs full): a clear error, every KV block back in the pool, no
+    segment left or charged, no writer thread left; the next harvest works."""
+    from djinnd.config import load_config
+    from djinnd.daemon import build_engine
+    from djinnd.engine import segment_writer
+    from djinnd.engine.commands import EngineError
+    engine = build_engine(load_config(None, {"model": "random:tiny", "device": "cpu", "dtype": "float32",
+                                             "kv_cache_mb": 2.0, "max_num_batched_tokens": 64}))
+    harvester, pool, prompts = engine.harvester, engine.pool, random_prompts(512, [20, 20, 20], seed=59)
+    free, shm = pool.num_free, set(os.listdir("/dev/shm"))
+    writes, pwrite_all = [], segment_writer.pwrite_all
+
+    def failing(fd, data, offset):
+        writes.append(offset)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        pwrite_all(fd, data, offset)
+    monkeypatch.setattr(segment_writer, "pwrite_all", failing)
+    with pytest.raises(EngineError, match="No space left"):
+        harvester.run(1, prompts, [0, 1])
+    assert pool.num_free == free and not harvester.segments and set(os.listdir("/dev/shm")) == shm
+    assert engine.quota.by_owner[1] == 0
+    assert not [t for t in threading.enumerate() if t.name == "djinn-harvest-writer"]
+    monkeypatch.setattr(segment_writer, "pwrite_all", pwrite_all)
+    assert harvester.run(1, prompts, [0, 1])["tensor"]["shape"] == [2, 60, 64]
+    assert pool.num_free == free
+    harvester.close()
+    engine.close_weights()
+
+
 def test_capture_and_harvest_segments_count_against_the_clients_quota(tmp_path):
     """A client cannot fill /dev/shm with captures or harvests: past its cap it gets LimitReached."""
     d = start_daemon(tmp_path, "--model", "random:tiny", "--kv-cache-mb", "4", "--max-segment-mb-per-client", "0.5")
@@ -153,8 +197,10 @@ def test_capture_and_harvest_segments_count_against_the_clients_quota(tmp_path):
             with pytest.raises(libdjinn.LimitReached, match="max_segment_mb_per_client"):
                 s.generate(prompt_ids=[5, 6], capture=[0, 1, 2, 3], max_new_tokens=1020)
             small = s.generate(prompt_ids=[5, 6], capture=[0], max_new_tokens=4)     # 6 rows: fine
+            used = djinn.status()["memory"]["kv_blocks_used"]
             with pytest.raises(libdjinn.LimitReached, match="max_segment_mb_per_client"):
                 djinn.harvest([[5] * 1000] * 2, layers=[0, 1, 2], max_batch_tokens=2000)
+            assert djinn.status()["memory"]["kv_blocks_used"] == used        # the borrowed blocks are back
             assert small.activations[0].shape == (5, 64)
     finally:
         stop_daemon(d)
