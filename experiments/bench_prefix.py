@@ -41,6 +41,16 @@ def ttft_ms(client, sid: int, prompt: list[int], new: int) -> tuple[float, list[
     return (times[0] - started) * 1e3, done.tokens, done.cached_tokens
 
 
+def prefill_flops(args, new: int, context: int) -> float:
+    """FLOPs of prefilling `new` tokens whose last lands at position `context`: the linear layers
+    per token, and causal attention of each new token over everything before it."""
+    h, q, kv, inter = args.hidden_size, args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim, \
+        args.intermediate_size
+    linear = 2 * args.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * inter) * new
+    keys = new * (context - new) + new * (new + 1) / 2
+    return linear + 4 * args.num_layers * q * keys
+
+
 def run(a, sharing: str) -> dict:
     overrides = {"model": a.model, "device": a.device, "prefix_sharing": sharing, "policy": a.policy}
     if a.kv_cache_mb:
@@ -88,13 +98,15 @@ def measure(a, engine, client) -> dict:
     held = pool.num_used
     news = [ttft_ms(client, client.open(), prefix + e, a.new_tokens) for e in ends[a.agents:a.agents + a.newcomers]]
     one_private = pool.blocks_for(a.prefix + a.private + a.new_tokens) - a.prefix // bs
+    args = engine.loaded.model.args       # the floor on the TTFT ratio: attention over the cached prefix is work too
+    floor = prefill_flops(args, a.private, a.prefix + a.private) / prefill_flops(args, a.private, a.private)
     ideal = a.prefix // bs + a.agents * one_private
     return {"kv_blocks_held": held, "kv_blocks_ideal": ideal, "kv_bytes_held": held * pool.block_bytes,
             "kv_ratio": held / ideal, "prompt_tokens_fed": fed,
             "agents_tokens_per_s": (a.agents - 1) * a.new_tokens / wall, "agents_wall_s": wall,
             "new_agent_ttft_ms": statistics.median(t for t, _, _ in news),
             "new_agent_cached_tokens": news[0][2],
-            "private_alone_ttft_ms": statistics.median(alone),
+            "private_alone_ttft_ms": statistics.median(alone), "ttft_ratio_flop_floor": floor,
             "tokens": outs + [tokens for _, tokens, _ in news],
             "prefix_cache": engine.pager.prefix.status(), "pool_blocks": pool.num_blocks}
 
@@ -126,11 +138,11 @@ def main():
     print(f"\n{a.model} on {a.device}: {a.agents} agents, prefix {a.prefix} + private {a.private} tokens, "
           f"{a.new_tokens} new; tokens equal with sharing on and off: {same}")
     print(f"{'sharing':<8} {'KV blocks':>10} {'x ideal':>8} {'fed':>9} {'tok/s':>9} {'new TTFT ms':>12} "
-          f"{'private alone ms':>17} {'ratio':>6}")
+          f"{'private alone ms':>17} {'ratio':>6} {'FLOP floor':>10}")
     for sharing, r in rows.items():
         print(f"{sharing:<8} {r['kv_blocks_held']:>10} {r['kv_ratio']:>8.2f} {r['prompt_tokens_fed']:>9} "
               f"{r['agents_tokens_per_s']:>9.1f} {r['new_agent_ttft_ms']:>12.1f} {r['private_alone_ttft_ms']:>17.1f} "
-              f"{r['new_agent_ttft_ms'] / r['private_alone_ttft_ms']:>6.2f}")
+              f"{r['new_agent_ttft_ms'] / r['private_alone_ttft_ms']:>6.2f} {r['ttft_ratio_flop_floor']:>10.2f}")
 
 
 if __name__ == "__main__":

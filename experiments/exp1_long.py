@@ -56,6 +56,9 @@ def add_args(p):
     g.add_argument("--headroom-mb", type=float, default=0, help="device memory kept from the pool (0: 6%% + 2 GiB)")
     g.add_argument("--slos", default="250,500,1000", help="p99 resumed TTFT targets, ms")
     g.add_argument("--keep-tokens", action="store_true", help="agents return their tokens, not hashes")
+    g.add_argument("--shared-prompt", type=int, default=0,
+                   help="tokens of a system prompt every conversation starts with, the same for all agents "
+                        "(part of --context); compare --daemon-flags '--prefix-sharing off'")
 
 
 def resolve(a):
@@ -120,7 +123,7 @@ def jobs(a, n: int, vocab: int) -> list[dict]:
                     "tool_median_s": a.tool_median, "tool_sigma": a.tool_sigma, "tool_cap_s": a.tool_cap,
                     "time_scale": a.time_scale, "hints": a.hints, "tool": a.tool_name or None,
                     "max_turns": a.turns, "sessions": 0 if a.arrivals == "closed" else 1,
-                    "keep_tokens": a.keep_tokens})
+                    "keep_tokens": a.keep_tokens, "shared_prompt": [a.seed, min(a.shared_prompt, a.context)]})
     return out
 
 
@@ -185,7 +188,8 @@ def run_n(a, djinn, sock: str, policy: str, agents: list[dict]) -> dict:
 
 def observe(djinn) -> dict:
     status, swaps = djinn.status(), djinn.request("swaps")
-    return {"counters": status["counters"], "memory": status["memory"], "latency": swaps["latency_samples_ms"],
+    return {"counters": status["counters"], "memory": status["memory"], "prefix": status.get("prefix_cache"),
+            "latency": swaps["latency_samples_ms"],
             "swap_ms": swaps["all_ms"], "timeline": djinn.request("timeline")["timeline"]}
 
 

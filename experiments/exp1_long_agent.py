@@ -6,10 +6,11 @@ conversations (0: no limit).
     python experiments/exp1_long_agent.py SOCKET '{"seed": 1, "vocab": 128256, "context": 8192,
         "new_tokens": 200, "growth": [1024, 4096], "max_context": 65536, "tool_median_s": 4.0,
         "tool_sigma": 1.0, "tool_cap_s": 30.0, "time_scale": 1.0, "hints": true, "tool": "tool",
-        "until": 1765000000.0, "max_turns": 0, "sessions": 0, "keep_tokens": false}'
+        "until": 1765000000.0, "max_turns": 0, "sessions": 0, "keep_tokens": false, "shared_prompt": [0, 4096]}'
 
 Every draw (prompt ids, tool durations, result sizes) comes from one generator seeded by `seed`,
-so each policy sees the same agent for as many turns as it runs. Prints one JSON line: per turn
+so each policy sees the same agent for as many turns as it runs. A first prompt starts with the
+run's shared system prompt (`shared_prompt`: [seed, tokens], the same ids for every agent), if any. Prints one JSON line: per turn
 its start, the context it resumed, TTFT as the agent saw it, its duration, its tokens (or their
 hash) and, if the daemon refused it, the error; a refused turn ends its session.
 """
@@ -29,6 +30,12 @@ class Draws:
 
     def __init__(self, job: dict):
         self.job, self.rng = job, random.Random(job["seed"])
+        seed, n = job.get("shared_prompt") or (0, 0)
+        shared = random.Random(f"shared-prompt-{seed}")     # not any agent's own stream
+        self.system = [shared.randrange(3, job["vocab"]) for _ in range(n)]
+
+    def first_prompt(self) -> list[int]:
+        return self.system + self.ids(self.job["context"] - len(self.system))
 
     def ids(self, n: int) -> list[int]:
         return [self.rng.randrange(3, self.job["vocab"]) for _ in range(n)]
@@ -72,7 +79,7 @@ def stop(*_):
 
 def one_session(djinn, job: dict, draws: Draws, turns: list, index: int) -> bool:
     """Turns on one session until its context is full; False: the run is over for this agent."""
-    s, prompt, history = djinn.session(), draws.ids(job["context"]), 0
+    s, prompt, history = djinn.session(), draws.first_prompt(), 0
     try:
         for k in itertools.count():
             turn = timed_turn(s, prompt, history, job)

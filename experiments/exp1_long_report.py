@@ -42,6 +42,7 @@ def row(policy: str, n: int, started: float, results: list[dict], before, after,
     at_end = sum(r["turns"][-1]["context"] + r["turns"][-1]["n"] for r in results if r.get("turns"))
     out["kv_at_end_x_pool"] = at_end * per_token / max(1, mem["kv_pool_bytes"])   # the contexts reached, vs the pool
     out["use"] = usage(out, c, swap_s, timeline, wall)
+    out["prefix_cache"] = after.get("prefix")       # hits since the daemon started (sharing: --shared-prompt)
     return out
 
 

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from djinnd.model.triton_attention import num_splits_for, paged_decode_attention  # noqa: E402
+from djinnd.model.triton_attention import num_splits_for, paged_decode_attention, tile_for  # noqa: E402
 
 NUM_SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -163,11 +163,12 @@ def test_split_kernel_reads_an_fp8_cache():
     the bf16 cache's output within fp8 precision."""
     q, k_cache, v_cache, tables, ctx, width = ragged_case([1, 700, 9000], 8, 4, torch.bfloat16)
     k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
-    splits = num_splits_for(3, 8, 16384, NUM_SMS)
-    out = paged_decode_attention(q, k8, v8, tables, ctx, splits)
     same_cache = decode_attention_torch(q.double(), k8, v8, tables, ctx, width)
     full = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
-    assert rel_err(out, same_cache) < TOL[torch.bfloat16] and rel_err(out, full) < 0.05
+    for block_n in (64, tile_for(1)):           # the bf16 tile, and the one the engine uses on fp8
+        splits = num_splits_for(3, 8, 16384, NUM_SMS, block_n)
+        out = paged_decode_attention(q, k8, v8, tables, ctx, splits, block_n)
+        assert rel_err(out, same_cache) < TOL[torch.bfloat16] and rel_err(out, full) < 0.05
 
 
 def test_an_fp8_kv_engine_decodes_and_its_first_tokens_equal_the_full_precision_pools():
