@@ -66,27 +66,27 @@ class Harvester:
         writer = SegmentWriter(self._staging(row_bytes), self.runner.device,
                                lambda: ActivationSegment(shape, dtype, self.quota, owner))
         try:
-            at = 0                  # the sub-batch's first row
-            for batch in sub_batches(sessions, self.sub_batch_tokens):
-                def after(i: int, h, at=at):
-                    if i in layers:
-                        writer.write(h, (layers.index(i) * total + at) * row_bytes)
-                    return h
-                self.runner.forward([(s, len(s.tokens)) for s in batch], 0, max(layers) + 1, after=after)
-                at += sum(len(s.tokens) for s in batch)
+            self._sub_batches(writer, sessions, layers, total, row_bytes)
             segment = writer.finish()
-        except BaseException as e:
-            writer.close()
-            if writer.segment is not None:
-                writer.segment.close()          # never a half-written segment
-            if isinstance(e, QuotaExceeded):
-                raise EngineError(ErrorCode.LIMIT, f"harvest: {e}") from None
-            if isinstance(e, (MemoryError, OSError)):
-                raise EngineError(ErrorCode.NO_CAPACITY, f"harvest: {e}") from None
-            raise
-        writer.close()
+        except QuotaExceeded as e:
+            raise EngineError(ErrorCode.LIMIT, f"harvest: {e}") from None
+        except (MemoryError, OSError) as e:
+            raise EngineError(ErrorCode.NO_CAPACITY, f"harvest: {e}") from None
+        finally:
+            writer.close()                  # after a failure: no worker, no half-written segment
         self.segments.put(owner, segment)
         return segment.descriptor()
+
+    def _sub_batches(self, writer: SegmentWriter, sessions: list[Session], layers: list[int], total: int,
+                     row_bytes: int):
+        at = 0                              # the sub-batch's first row
+        for batch in sub_batches(sessions, self.sub_batch_tokens):
+            def after(i: int, h, at=at):
+                if i in layers:
+                    writer.write(h, (layers.index(i) * total + at) * row_bytes)
+                return h
+            self.runner.forward([(s, len(s.tokens)) for s in batch], 0, max(layers) + 1, after=after)
+            at += sum(len(s.tokens) for s in batch)
 
     def _staging(self, row_bytes: int) -> list[torch.Tensor]:
         """Staging buffers of one sub-batch's rows of one layer (at most 32 MiB), made at the first call."""

@@ -24,7 +24,7 @@ def staging_buffers(count: int, nbytes: int, device) -> list[torch.Tensor]:
 class SegmentWriter:
     def __init__(self, buffers: list[torch.Tensor], device, make_segment):
         """make_segment() -> ActivationSegment, called first on the worker (creating the segment
-        overlaps the first forward); finish() returns it."""
+        overlaps the first forward); finish() hands it out, close() after a failure unlinks it."""
         self.is_cuda = torch.device(device).type == "cuda"
         self.piece = buffers[0].numel()
         self.free: queue.Queue = queue.Queue()
@@ -53,15 +53,23 @@ class SegmentWriter:
             self.jobs.put((lambda b=buffer, n=n, at=offset + start, e=done: self._pwrite(b, n, at, e), buffer))
 
     def finish(self):
-        """Wait for every write; the segment, or the worker's error raised."""
+        """Wait for every write; the segment, now the caller's, or the worker's error raised."""
         self._stop()
         if self.error is not None:
             raise self.error
-        return self.segment
+        self._close_fd()
+        segment, self.segment = self.segment, None
+        return segment
 
     def close(self):
-        """Stop the worker and close the fd (idempotent); the segment is the caller's to keep or close."""
+        """Stop the worker; a segment finish() did not hand out is closed (never half-written)."""
         self._stop()
+        self._close_fd()
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+    def _close_fd(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -73,7 +81,7 @@ class SegmentWriter:
 
     def _open(self, make_segment):
         self.segment = make_segment()
-        self.fd = posix_ipc.SharedMemory(self.segment.name).fd     # closed by close()
+        self.fd = posix_ipc.SharedMemory(self.segment.name).fd
 
     def _pwrite(self, buffer, n: int, offset: int, done):
         if done is not None:
