@@ -4,9 +4,14 @@
 - decode tok/s at batch 32 with one layer captured by every session vs none;
 - the other 31 sessions' decode tok/s alone, while one session holds a pause at a breakpoint, and
   while one session traces with a breakpoint at every forward and resumes at once;
-- harvest of one layer's outputs (tok/s) vs, in this process after the daemon stops, the prefill
-  token rate of our forward truncated at that layer and HF transformers forward hooks on the same
-  prompts (a hook that copies the layer's output to the host; full forward, and stopped there).
+- harvest of one layer's outputs (tok/s; warmed up with calls of the measured shape) vs, in this
+  process after the daemon stops, the prefill token rate of our forward truncated at that layer (at
+  the call's batch and at the daemon's harvest sub-batch: the better is the bar) and HF transformers
+  forward hooks on the same prompts (a hook that copies the layer's output to the host; full forward,
+  and stopped there), each baseline over --baseline-tokens.
+
+Decode figures: the median of --rounds rounds, and every round's rate in the JSON ("rounds"); the
+table ends with each round's steered/plain ratio, so the noise is in sight.
 
     python experiments/bench_interventions.py --model random:llama-3.1-8b --device cuda --out r.json
     python experiments/bench_interventions.py --model random:tiny --device cpu --new-tokens 16 --harvest-tokens 8192
@@ -63,7 +68,8 @@ class Fleet:
 
 
 def decode_rates(sock, a, n, variants: dict, vocab: int) -> dict:
-    """tok/s per variant (median of rounds, variants alternating): name -> fn(i) -> extra kwargs."""
+    """tok/s per variant, variants alternating within each round: name -> fn(i) -> extra kwargs.
+    Returns {name: median} and {"rounds": {name: [tok/s of each round]}}."""
     fleet, rates = Fleet(sock, n), {name: [] for name in variants}
     prompts = prompts_of(n, a.prompt_tokens, vocab, seed=n)
     try:
@@ -75,7 +81,11 @@ def decode_rates(sock, a, n, variants: dict, vocab: int) -> dict:
                     rates[name].append(tokens / wall)
     finally:
         fleet.close()
-    return {name: statistics.median(v) for name, v in rates.items()}
+    return medians(rates)
+
+
+def medians(rates: dict) -> dict:
+    return {**{name: statistics.median(v) for name, v in rates.items()}, "rounds": rates}
 
 
 def steering(layers: list[int], hidden: int, seed: int) -> dict:
@@ -110,7 +120,7 @@ def paused_neighbour(sock, a, n: int, layer: int, vocab: int) -> dict:
                         rates[name].append(tokens / wall)
         finally:
             fleet.close()
-    return {name: statistics.median(v) for name, v in rates.items()}
+    return medians(rates)
 
 
 def _trace_until(session, prompt, layer, done):
@@ -124,14 +134,21 @@ def _trace_until(session, prompt, layer, done):
 def harvest_rate(sock, a, layer: int, vocab: int) -> dict:
     prompts = prompts_of(a.harvest_tokens // a.harvest_prompt_tokens, a.harvest_prompt_tokens, vocab, seed=3)
     with libdjinn.connect(sock) as djinn:
-        djinn.harvest(prompts[:4], layers=[layer])       # warm-up
-        started, checksum = time.perf_counter(), 0.0
+        for _ in range(2):          # warm-up with calls of the measured shape (kernels compiled, buffers made)
+            djinn.harvest(prompts[:a.harvest_batch], layers=[layer])
+        calls, checksum = [], 0.0
+        started = time.perf_counter()
         for i in range(0, len(prompts), a.harvest_batch):
+            t = time.perf_counter()
             h = djinn.harvest(prompts[i:i + a.harvest_batch], layers=[layer])
             checksum += float(h[layer][-1, 0])           # read: the rows are there
+            calls.append(time.perf_counter() - t)
         wall = time.perf_counter() - started
+        max_call_tokens = djinn.request("model_config")["max_harvest_tokens"]
     tokens = len(prompts) * a.harvest_prompt_tokens
-    return {"tokens": tokens, "tok_per_s": tokens / wall}
+    return {"tokens": tokens, "tok_per_s": tokens / wall, "calls": len(calls),
+            "call_ms_median": statistics.median(calls) * 1e3, "call_ms_max": max(calls) * 1e3,
+            "daemon_max_harvest_tokens": max_call_tokens}
 
 
 # ---- in-process baselines (after the daemon stops) --------------------------------------------
@@ -140,12 +157,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def truncated_prefill_rate(model, a, layer: int, dtype, device, prompts) -> float:
-    """Our prefill forward over the same batches, cut after `layer`, outputs left on the device."""
+def truncated_prefill_rate(model, a, layer: int, dtype, device, prompts, batch_size: int) -> float:
+    """Our prefill forward over batches of batch_size prompts, cut after `layer`, outputs left on the device."""
     from djinnd.engine.runner import Runner
     from djinnd.memory.block_pool import KVBlockPool
     from djinnd.session import Session
-    args, batch = model.args, prompts[:a.harvest_batch]
+    args, batch = model.args, prompts[:batch_size]
     tokens = sum(map(len, batch))
     per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.empty((), dtype=dtype).element_size()
     budget = (tokens + 64 * 16) * per_token
@@ -155,7 +172,7 @@ def truncated_prefill_rate(model, a, layer: int, dtype, device, prompts) -> floa
     chunks = [(s, len(s.tokens)) for s in sessions]
     runner.forward(chunks, 0, layer + 1)
     sync(device)
-    rounds = max(1, len(prompts) // a.harvest_batch)
+    rounds = max(1, len(prompts) // batch_size)
     started = time.perf_counter()
     for _ in range(rounds):
         runner.forward(chunks, 0, layer + 1)
@@ -172,7 +189,7 @@ def hf_hook_rates(model, a, layer: int, device, prompts) -> dict:
     and stopped there by raising from the hook (as nnsight does for early exit)."""
     from experiments.bench_decode import hf_model
     hf, out = hf_model(model), {}
-    ids = torch.tensor(prompts[:a.harvest_batch], device=device)
+    ids = torch.tensor(prompts[:a.harvest_batch], device=device)       # prompts: at most --baseline-tokens
     rounds = max(1, len(prompts) // a.harvest_batch)
     for stop in (False, True):
         def hook(module, args, output, stop=stop):
@@ -207,9 +224,11 @@ def main():
     p.add_argument("--sessions", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16, help="short: decode dominates the wall time")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4, help="measured rounds, after one warm-up round")
     p.add_argument("--layer", type=int, default=16, help="capture, harvest and breakpoint layer")
-    p.add_argument("--harvest-tokens", type=int, default=262144)
+    p.add_argument("--harvest-tokens", type=int, default=1 << 20)
+    p.add_argument("--baseline-tokens", type=int, default=1 << 18,
+                   help="tokens of each in-process baseline (truncated prefill, HF hooks): a steady rate is enough")
     p.add_argument("--harvest-prompt-tokens", type=int, default=512)
     p.add_argument("--harvest-batch", type=int, default=16, help="prompts per harvest call (and baseline batch)")
     p.add_argument("--no-hf", action="store_true")
@@ -221,12 +240,15 @@ def main():
     args = model_args(a.model)
     layer = min(a.layer, args.num_layers - 1)
     steer_layers = sorted({args.num_layers // 4, layer})
-    batched = a.harvest_batch * a.harvest_prompt_tokens
+    batched = max(a.harvest_batch * a.harvest_prompt_tokens, 2048)        # one harvest call's tokens
     proc, sock = start_daemon("--model", a.model, "--device", a.device, "--dtype", a.dtype, "--kv-cache-mb",
                               str(a.kv_cache_mb), "--max-num-seqs", str(max(a.sessions, 8)),
-                              "--max-num-batched-tokens", str(max(batched, 2048)))
+                              "--max-num-batched-tokens", str(batched))
+    from djinnd.engine.harvest import sub_batch_tokens
     report = {**stamp(), "model": a.model, "device": a.device, "dtype": a.dtype, "args": vars(a),
-              "steer_layers": steer_layers, "layer": layer}
+              "steer_layers": steer_layers, "layer": layer,
+              "daemon": {"max_num_batched_tokens": batched, "max_num_seqs": max(a.sessions, 8),
+                         "kv_cache_mb": a.kv_cache_mb, "harvest_sub_batch_tokens": sub_batch_tokens(batched)}}
     try:
         hidden = args.hidden_size
         plain, steered = (lambda i: {}), (lambda i: steering(steer_layers, hidden, seed=i))
@@ -239,17 +261,22 @@ def main():
     finally:
         stop_daemon(proc)
     save(report, a.out)                  # the daemon's figures are kept whatever the baselines do
-    report.update(baselines(a, layer))
+    report.update(baselines(a, layer, report["daemon"]["harvest_sub_batch_tokens"]))
     write(report, a.out)
 
 
-def baselines(a, layer: int) -> dict:
+def baselines(a, layer: int, sub_batch_tokens: int) -> dict:
+    """Truncated prefill at the harvest call's batch and at the daemon's sub-batch (the better rate is the
+    bar), then HF hooks at the call's batch."""
     from djinnd.model.loader import load_model
     dtype = getattr(torch, a.dtype)
     model = load_model(a.model, 0, dtype, a.device).model
-    prompts = prompts_of(a.harvest_tokens // a.harvest_prompt_tokens, a.harvest_prompt_tokens,
-                         model.args.vocab_size, seed=3)
-    out = {"truncated_prefill_tok_per_s": truncated_prefill_rate(model, a, layer, dtype, a.device, prompts)}
+    prompts = prompts_of(min(a.harvest_tokens, a.baseline_tokens) // a.harvest_prompt_tokens,
+                         a.harvest_prompt_tokens, model.args.vocab_size, seed=3)
+    sub = max(1, sub_batch_tokens // a.harvest_prompt_tokens)
+    by_batch = {n: truncated_prefill_rate(model, a, layer, dtype, a.device, prompts, n) for n in {a.harvest_batch, sub}}
+    out = {"truncated_prefill_tok_per_s": max(by_batch.values()),     # the better of the two is the bar
+           "truncated_prefill_by_batch_prompts": by_batch}
     if not a.no_hf:
         try:
             out.update(hf_hook_rates(model, a, layer, a.device, prompts))
@@ -288,6 +315,13 @@ def write(r: dict, path: str):
     for name, value, base in rows:
         ratio = f"{value / base * 100:.1f}%" if base else ""
         print(f"{name:<52} {value:>10,.0f} {ratio:>12}")
+    print(f"harvest: {hv['calls']} calls of {r['args']['harvest_batch']} prompts, {hv['call_ms_median']:.0f} ms median "
+          f"(max {hv['call_ms_max']:.0f}), sub-batches of {r['daemon']['harvest_sub_batch_tokens']} tokens")
+    for name, rates, variant in (("b1", b1, "steered"), (f"b{r['args']['sessions']}", b32, "steered"),
+                                 (f"b{r['args']['sessions']}", b32, "captured")):
+        paired = [v / p * 100 for v, p in zip(rates["rounds"][variant], rates["rounds"]["plain"])]
+        print(f"{name} {variant} vs plain, each round: {', '.join(f'{x:.1f}%' for x in paired)} "
+              f"(overhead of the medians {100 - rates[variant] / rates['plain'] * 100:+.1f}%)")
 
 
 if __name__ == "__main__":
