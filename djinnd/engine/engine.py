@@ -16,6 +16,7 @@ from djinnd.engine.harvest import Harvester
 from djinnd.engine.ghost_forward import GhostForwards
 from djinnd.engine.mixed_step import can_mix, run_mixed
 from djinnd.engine.pager import Pager
+from djinnd.engine.reprefill import Reprefill
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
 from djinnd.engine.weights_export import WeightExports
@@ -52,6 +53,7 @@ class Engine:
         mb = 2**20
         self.quota = SegmentQuota(int(config.server.max_segment_mb_per_client * mb),
                                   int(config.server.max_segment_mb_per_uid * mb))
+        self.reprefill = Reprefill(self.runner, self.pager, self.scheduler.budget, e.max_num_batched_tokens)
         self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics, self.quota)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.exports = WeightExports(loaded)
@@ -110,6 +112,8 @@ class Engine:
         self._drain(self._wait_s(next_prefetch))
         if self._has_work():
             self._guarded_step()
+        else:       # the GPU is idle: rebuild dropped KV due back soon (engine/reprefill.py)
+            self.reprefill.step()
 
     def _wait_s(self, next_prefetch: float | None) -> float:
         """How long to wait for a command: long when idle; a little when work has been stuck for a
@@ -117,7 +121,8 @@ class Engine:
         if self.pager.busy():
             return 0.001 if not self._has_work() or self._stalled_steps >= STALLED_STEPS else 0
         if not self._has_work():
-            return min(next_prefetch or 0.5, 0.5)
+            due = [t for t in (next_prefetch, self.reprefill.due_in()) if t is not None]
+            return min(due + [0.5])
         return min(next_prefetch or 0.05, 0.05) if self._stalled_steps >= STALLED_STEPS else 0
 
     def _guarded_step(self):

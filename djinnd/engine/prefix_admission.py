@@ -17,16 +17,22 @@ def attach_prefix(pager, s: Session):
     if s.prefix_root is None:
         return
     pager.prefix.num_query_tokens += s.num_new_tokens
+    found = take_known(pager, s, "prefix")
+    s.request.num_cached = s.num_cached
+    pager.prefix.num_hit_tokens += found * pager.pool.block_size
+
+
+def take_known(pager, s: Session, cause: str) -> int:
+    """s takes the known blocks its uncached history starts with (see attach_prefix); returns how many."""
     found = pager.prefix.lookup(s)
     slots = pager.prefix.pin(found)
     pager.wait_fills(s, found)
     copies = pager.prefix.fill(found, slots, pager.pool.allocate(slots.count(None)))
-    pager.copy_in(s, [(h, 1) for h, _ in copies], [d for _, d in copies], "prefix")
+    pager.copy_in(s, [(h, 1) for h, _ in copies], [d for _, d in copies], cause)
     s.block_table += slots
     s.block_keys += [b.key for b in found]
     s.num_cached += len(found) * pager.pool.block_size
-    s.request.num_cached = s.num_cached
-    pager.prefix.num_hit_tokens += len(found) * pager.pool.block_size
+    return len(found)
 
 
 def settle(pager, s: Session):
