@@ -316,7 +316,9 @@ def write(r: dict, path: str):
         ratio = f"{value / base * 100:.1f}%" if base else ""
         print(f"{name:<52} {value:>10,.0f} {ratio:>12}")
     print(f"harvest: {hv['calls']} calls of {r['args']['harvest_batch']} prompts, {hv['call_ms_median']:.0f} ms median "
-          f"(max {hv['call_ms_max']:.0f}), sub-batches of {r['daemon']['harvest_sub_batch_tokens']} tokens")
+          f"(max {hv['call_ms_max']:.0f}), sub-batches of {r['daemon']['harvest_sub_batch_tokens']} tokens; "
+          "truncated prefill by prompts a batch: " + ", ".join(f"{n}: {v:,.0f} tok/s" for n, v in
+                                                             r["truncated_prefill_by_batch_prompts"].items()))
     for name, rates, variant in (("b1", b1, "steered"), (f"b{r['args']['sessions']}", b32, "steered"),
                                  (f"b{r['args']['sessions']}", b32, "captured")):
         paired = [v / p * 100 for v, p in zip(rates["rounds"][variant], rates["rounds"]["plain"])]
