@@ -54,6 +54,7 @@ class MemoryConfig:
     prefetch_depth: int = 2       # streamed layers copied ahead of the one computing (0: no prefetch)
     stream_chunk_mb: float = 0.0  # streamed copies in pieces of at most this size (0: one per layer)
     prefix_sharing: str = "user"  # share KV blocks of equal prompt prefixes between sessions of one user, group, all, or off
+    reprefill: bool = True        # semantic: prefill dropped KV again ahead of the expected return while the engine is idle
 
     def __post_init__(self):
         _require(self.kv_cache_mb >= 0, "kv_cache_mb", "must be >= 0 (0: sized from free device memory)")

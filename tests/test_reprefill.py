@@ -17,17 +17,17 @@ NEW = 8
 A1, A2, B1, B2, C1 = random_prompts(512, [150, 20, 40, 10, 200], seed=3)
 
 
-def engine_of(policy: str, blocks: int):
+def engine_of(policy: str, blocks: int, reprefill: bool = True):
     return build_engine(load_config(None, {
         "model": "random:tiny", "device": "cpu", "dtype": "float32", "policy": policy,
         "kv_cache_mb": (blocks + 1) * BLOCK_MIB, "host_arena_mb": 0, "prefetch_lead_ms": 60_000,
-        "max_num_batched_tokens": CHUNK}))
+        "max_num_batched_tokens": CHUNK, "reprefill": reprefill}))
 
 
 @pytest.fixture
 def make_engine():
     made = []
-    yield lambda policy, blocks=20: made.append(engine_of(policy, blocks)) or made[-1]
+    yield lambda policy, blocks=20, **kw: made.append(engine_of(policy, blocks, **kw)) or made[-1]
     for e in made:
         e.arena.close()
 
@@ -157,9 +157,9 @@ def test_no_reprefill_without_room_and_none_that_evicts(make_engine):
     assert a.kv is KVPlace.DROPPED and counter(engine, "kv_reprefill_tokens") == 0 and b.kv is KVPlace.DEVICE
 
 
-@pytest.mark.parametrize("policy", ["lru", "recompute"])
-def test_baselines_never_reprefill(make_engine, reference, policy):
-    engine = make_engine(policy)
+@pytest.mark.parametrize("policy, reprefill", [("lru", True), ("recompute", True), ("semantic", False)])
+def test_baselines_never_reprefill(make_engine, reference, policy, reprefill):
+    engine = make_engine(policy, reprefill=reprefill)
     a, _, first = pressure(engine)
     engine._iterate()                                    # idle: a re-prefill would start here
     assert a.kv is KVPlace.DROPPED and counter(engine, "kv_reprefill_tokens") == 0

@@ -53,7 +53,8 @@ class Engine:
         mb = 2**20
         self.quota = SegmentQuota(int(config.server.max_segment_mb_per_client * mb),
                                   int(config.server.max_segment_mb_per_uid * mb))
-        self.reprefill = Reprefill(self.runner, self.pager, self.scheduler.budget, e.max_num_batched_tokens)
+        self.reprefill = Reprefill(self.runner, self.pager, self.scheduler.budget, e.max_num_batched_tokens,
+                                   config.memory.reprefill)
         self.breaks = BreakpointRunner(self.runner, self.pager, self.metrics, self.quota)
         self.replies: dict[int, cmd.Reply] = {}   # session id -> reply of its request in flight
         self.exports = WeightExports(loaded)

@@ -24,16 +24,17 @@ FIRST_GUESS_S_PER_TOKEN = 1e-4     # until the engine has timed a prefill
 
 
 class Reprefill:
-    def __init__(self, runner, pager, budget, max_tokens: int):
+    def __init__(self, runner, pager, budget, max_tokens: int, enabled: bool = True):
         self.runner, self.pager, self.pool, self.budget = runner, pager, pager.pool, budget
         self.max_tokens = max_tokens
+        self.enabled = enabled and policies.prefetches(pager.policy)
         self.metrics = pager.metrics
         self.current: Session | None = None      # the one being fed; partial KV on the device
         self.failed: set[tuple] = set()           # (session id, tool call start): not tried again
 
     def due_in(self) -> float | None:
         """Seconds until a re-prefill may start: 0 now (one is due and fits), None: none planned."""
-        if not policies.prefetches(self.pager.policy):
+        if not self.enabled:
             return None
         now, soonest = time.monotonic(), None
         for s in self._candidates():
