@@ -11,12 +11,13 @@ from djinnd.engine import aborts
 from djinnd.engine import commands as cmd
 from djinnd.engine.commands import EngineError
 from djinnd.engine.runner import Runner
-from djinnd.engine.breakpoints import STOPPED, BreakpointRunner, check_layers
+from djinnd.engine.breakpoints import STOPPED, BreakpointRunner
 from djinnd.engine.harvest import Harvester
 from djinnd.engine.ghost_forward import GhostForwards
 from djinnd.engine.mixed_step import can_mix, run_mixed
 from djinnd.engine.pager import Pager
 from djinnd.engine.reprefill import Reprefill
+from djinnd.engine import request_checks
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
 from djinnd.engine.weights_export import WeightExports
@@ -24,7 +25,7 @@ from djinnd.memory.prefix_cache import root_key
 from djinnd.memory.activations import QuotaExceeded, SegmentQuota
 from djinnd.memory.swapper import Swapper
 from djinnd.metrics import Metrics
-from djinnd.session import KVPlace, Phase, Request, Session, SessionState
+from djinnd.session import Phase, Request, Session, SessionState
 from libdjinn.protocol import ErrorCode
 
 log = logging.getLogger("djinnd.engine")
@@ -249,28 +250,11 @@ class Engine:
 
     def _generate(self, c: cmd.Generate):
         s = self._owned(c.owner, c.session)
-        if s.state is not SessionState.IDLE:
-            raise EngineError(ErrorCode.BUSY, f"session {s.id} already has a request in flight")
-        keep = _kept_history(s, c.keep_tokens)
-        total = keep + len(c.prompt_ids) + c.params.max_new_tokens
-        if total > self.max_model_len:
-            raise EngineError(ErrorCode.CONTEXT_OVERFLOW, f"session {s.id}: {keep} tokens of history "
-                              f"+ {len(c.prompt_ids)} prompt + {c.params.max_new_tokens} new = {total} "
-                              f"> the model's context of {self.max_model_len}")
-        if self.pool.blocks_for(total) > self.pool.num_blocks:
-            raise EngineError(ErrorCode.NO_CAPACITY, f"session {s.id}: {total} tokens need "
-                              f"{self.pool.blocks_for(total)} KV blocks; the pool has {self.pool.num_blocks}")
-        if any(not 0 <= t < self.loaded.model.args.vocab_size for t in c.prompt_ids):
-            raise EngineError(ErrorCode.BAD_REQUEST, "prompt_ids holds a token outside the vocabulary")
-        bad_layers = check_layers(c.params.breakpoints, self.loaded.model.args.num_layers)
-        if bad_layers:
-            raise EngineError(ErrorCode.BAD_REQUEST, bad_layers)
-        if c.params.breakpoints and (why := aborts.pause_limit_reached(self, c.owner)):
-            raise EngineError(ErrorCode.LIMIT, why)
+        keep = request_checks.check_generate(self, s, c)
         captures = self._start_interventions(s, c, keep)
         self.pager.truncate(s, keep)
         s.tokens.extend(c.prompt_ids)
-        s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=_kv_state(s))
+        s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=request_checks.kv_state(s))
         s.prefetched = False
         self.replies[s.id] = c.reply
         if captures:
@@ -474,24 +458,3 @@ class Engine:
 
 def _or(value, default):
     return default if value is None else value
-
-
-def _kept_history(s: Session, keep_tokens: int | None) -> int:
-    """How much of an idle session's history a request keeps (keep_tokens: cut it there first)."""
-    if keep_tokens is None:
-        return len(s.tokens)
-    if not 0 <= keep_tokens <= len(s.tokens):
-        raise EngineError(ErrorCode.BAD_REQUEST, f"session {s.id}: keep_tokens must be in [0, {len(s.tokens)}] "
-                          f"(the tokens it holds), got {keep_tokens}")
-    return keep_tokens
-
-
-def _kv_state(s: Session) -> str:
-    """How a request found its session's KV: the resume path it will take."""
-    if s.kv is KVPlace.HOST:
-        return "swapped"
-    if s.kv is KVPlace.DROPPED:
-        return "dropped"
-    if s.prefetched:
-        return "prefetched"
-    return "resident"
