@@ -1,9 +1,11 @@
 """Dropped KV is prefilled again ahead of the agent's return while the engine is idle (semantic only),
 without evicting anyone and without holding back a request that comes meanwhile. The engine is
 driven one iteration at a time from the test, so "meanwhile" is exact."""
+import functools
 import queue
 
 import pytest
+import torch
 
 from conftest import random_prompts
 from djinnd.config import load_config
@@ -17,9 +19,9 @@ NEW = 8
 A1, A2, B1, B2, C1 = random_prompts(512, [150, 20, 40, 10, 200], seed=3)
 
 
-def engine_of(policy: str, blocks: int, reprefill: bool = True):
+def engine_of(policy: str, blocks: int, reprefill: bool = True, device: str = "cpu"):
     return build_engine(load_config(None, {
-        "model": "random:tiny", "device": "cpu", "dtype": "float32", "policy": policy,
+        "model": "random:tiny", "device": device, "dtype": "float32", "policy": policy,
         "kv_cache_mb": (blocks + 1) * BLOCK_MIB, "host_arena_mb": 0, "prefetch_lead_ms": 60_000,
         "max_num_batched_tokens": CHUNK, "reprefill": reprefill}))
 
@@ -86,8 +88,13 @@ def turn(engine, sid: int, prompt, expected_s: float | None = 5.0) -> cmd.Done:
 
 @pytest.fixture(scope="module")
 def reference():
+    return reference_on("cpu")
+
+
+@functools.cache
+def reference_on(device: str) -> dict:
     """A's and B's tokens in a pool that holds everyone: nothing is ever evicted."""
-    engine = engine_of("semantic", 200)
+    engine = engine_of("semantic", 200, device=device)
     try:
         a, b = open_session(engine), open_session(engine)
         return {"a": [turn(engine, a, A1).tokens, turn(engine, a, A2).tokens],
@@ -114,8 +121,12 @@ def counter(engine, name: str) -> float:
     return engine.metrics.counters.get(name, 0)
 
 
-def test_dropped_kv_is_prefilled_again_before_the_return_and_the_next_turn_is_exact(make_engine, reference):
-    engine = make_engine("semantic")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dropped_kv_is_prefilled_again_before_the_return_and_the_next_turn_is_exact(make_engine, device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    reference = reference_on(device)
+    engine = make_engine("semantic", device=device)
     a, b, first = pressure(engine)
     b_blocks, moves = list(b.block_table), counter(engine, "swaps_out") + counter(engine, "kv_drops_device")
     until(engine, lambda: counter(engine, "kv_reprefills") == 1, "the re-prefill")
