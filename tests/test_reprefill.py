@@ -133,6 +133,8 @@ def test_dropped_kv_is_prefilled_again_before_the_return_and_the_next_turn_is_ex
     assert a.kv is KVPlace.DEVICE and a.num_cached == len(a.tokens) - 1
     assert counter(engine, "kv_reprefill_tokens") + counter(engine, "kv_reprefill_reused_tokens") == a.num_cached
     assert b.block_table == b_blocks and b.kv is KVPlace.DEVICE                    # nobody made room for it
+    engine.pool.check_integrity([s.block_table for s in engine.sessions.values()])
+    engine.pager.prefix.check_integrity()
     assert counter(engine, "swaps_out") + counter(engine, "kv_drops_device") == moves
     status = reply(engine, lambda r: cmd.Status(r))
     assert status["counters"]["kv_reprefills"] == 1
@@ -155,6 +157,7 @@ def test_a_request_that_comes_mid_way_goes_first_and_the_returning_agent_continu
     phase(engine, a.id, "ACTIVE")                       # A comes back before its re-prefill is done
     second = turn(engine, a.id, A2)
     assert second.cached_tokens >= fed and counter(engine, "kv_reprefills") == 0
+    engine.pool.check_integrity([s.block_table for s in engine.sessions.values()])
     assert [first["a"], second.tokens] == reference["a"]
 
 
@@ -177,3 +180,33 @@ def test_baselines_never_reprefill(make_engine, reference, policy, reprefill):
     phase(engine, a.id, "ACTIVE")
     second = turn(engine, a.id, A2)
     assert second.cached_tokens == 0 and [first["a"], second.tokens] == reference["a"]
+
+
+def test_a_failed_reprefill_drops_that_kv_and_the_engine_goes_on(make_engine, reference, monkeypatch):
+    """Regression guard: a fault in a re-prefill's forward costs that re-prefill, not the engine."""
+    engine = make_engine("semantic")
+    forward = engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward", lambda chunks, **kw: 1 / 0 if chunks[0][0].request is None
+                        else forward(chunks, **kw))                # requests' forwards run as ever
+    a, _, first = pressure(engine)
+    until(engine, lambda: counter(engine, "kv_reprefill_errors") == 1, "the failure")
+    assert a.kv is KVPlace.DROPPED and not a.block_table
+    assert engine.reprefill.due_in() is None                         # not tried again in this tool call
+    monkeypatch.undo()
+    phase(engine, a.id, "ACTIVE")
+    assert [first["a"], turn(engine, a.id, A2).tokens] == reference["a"]
+
+
+def test_known_blocks_of_a_dropped_history_are_taken_back_and_only_the_rest_is_fed(make_engine, reference):
+    """The drop leaves A's full blocks in the prefix cache (nothing reclaimed them): the re-prefill
+    takes them as they are and computes only the tail."""
+    engine = make_engine("semantic")
+    a = engine.sessions[open_session(engine)]
+    first = turn(engine, a.id, A1).tokens
+    engine.pager.drop_kv(a)                      # the engine runs in this thread: nothing else moves
+    until(engine, lambda: counter(engine, "kv_reprefills") == 1, "the re-prefill")
+    target = len(A1) + NEW - 1
+    assert counter(engine, "kv_reprefill_reused_tokens") == target // 16 * 16
+    assert counter(engine, "kv_reprefill_tokens") == target % 16
+    phase(engine, a.id, "ACTIVE")
+    assert [first, turn(engine, a.id, A2).tokens] == reference["a"]

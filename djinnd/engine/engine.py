@@ -254,7 +254,8 @@ class Engine:
         captures = self._start_interventions(s, c, keep)
         self.pager.truncate(s, keep)
         s.tokens.extend(c.prompt_ids)
-        s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached, kv_at_arrival=request_checks.kv_state(s))
+        s.request = Request(c.params, len(c.prompt_ids), num_cached=s.num_cached,
+                            kv_at_arrival=request_checks.kv_state(s))
         s.prefetched = False
         self.replies[s.id] = c.reply
         if captures:

@@ -58,7 +58,7 @@ class Reprefill:
         except Exception:     # a bug costs this session its re-prefill, never the engine
             log.exception("re-prefill of session %d failed", s.id)
             self.metrics.inc("kv_reprefill_errors")
-            self.failed.add((s.id, s.io_wait_since))
+            self.failed = {f for f in self.failed if f[0] in self.pager.sessions} | {(s.id, s.io_wait_since)}
             self.current = None
             self.pager.drop_kv(s)
         return True
