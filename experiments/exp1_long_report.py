@@ -32,6 +32,7 @@ def row(policy: str, n: int, started: float, results: list[dict], before, after,
            "swaps_by_cause": {k[6:]: v for k, v in c.items() if k.startswith(("swaps_in_", "swaps_out_"))},
            "kv_drops_device": c.get("kv_drops_device", 0), "kv_drops_host": c.get("kv_drops_host", 0),
            "recomputed_tokens": c.get("recomputed_tokens", 0), "recompute_gpu_s": recompute_s,
+           "reprefill_tokens": c.get("kv_reprefill_tokens", 0), "reprefill_gpu_s": c.get("kv_reprefill_s", 0),
            "ttft_by_path": {k[5:]: {q: v for q, v in pct(s).items() if q in ("count", "p50", "p99")}
                             for k, s in lat.items() if k.startswith("ttft_")},
            "kv_pool_bytes": after["memory"]["kv_pool_bytes"], "host_arena_bytes": after["memory"]["host_arena_bytes"],
@@ -55,8 +56,8 @@ def usage(r: dict, c: dict, swap_s: dict, timeline: list[dict], wall: float) -> 
     return {"device blocks": sum(t["kv_pool_used_bytes"] >= 0.85 * pool for t in timeline) / max(1, len(timeline)),
             "host arena": max((t["host_arena_used_bytes"] for t in timeline), default=0) / max(1, arena),
             "PCIe": max(swap_s.values()) / wall,
-            "GPU": (c.get("prefill_s", 0) + c.get("decode_s", 0)) / wall,
-            "GPU recompute": r["recompute_gpu_s"] / wall,
+            "GPU": (c.get("prefill_s", 0) + c.get("decode_s", 0) + r["reprefill_gpu_s"]) / wall,
+            "GPU recompute": (r["recompute_gpu_s"] + r["reprefill_gpu_s"]) / wall,     # on return or ahead of it
             "queueing": (r["queue_wait_ms"].get("p99") or 0) / max(1e-9, r["ttft_resumed_ms"].get("p99") or 0)}
 
 

@@ -100,6 +100,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
+    if k_cache.element_size() == 1 and q.dtype == torch.bfloat16:
+        q = q.to(torch.float16)     # the tiles convert to q's dtype: e4m3 -> fp16 is one instruction, -> bf16 is not
     part = lse = out                       # unused when there is one slice
     if num_splits > 1:
         part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
