@@ -165,7 +165,7 @@ def test_split_kernel_reads_an_fp8_cache():
     k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
     same_cache = decode_attention_torch(q.double(), k8, v8, tables, ctx, width)
     full = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
-    for block_n in (64, tile_for(1)):           # the bf16 tile, and the one the engine uses on fp8
+    for block_n in (64, tile_for(1, 3)):           # the bf16 tile, and the one the engine uses on fp8
         splits = num_splits_for(3, 8, 16384, NUM_SMS, block_n)
         out = paged_decode_attention(q, k8, v8, tables, ctx, splits, block_n)
         assert rel_err(out, same_cache) < TOL[torch.bfloat16] and rel_err(out, full) < 0.05

@@ -16,7 +16,7 @@ def decode_attention_kernel(device, head_dim: int, backend: str, num_kv_heads: i
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
 
     def attend(q, k_cache, v_cache, block_tables, context_lens):
-        block_n = triton_attention.tile_for(k_cache.element_size())
+        block_n = triton_attention.tile_for(k_cache.element_size(), q.shape[0])
         splits = triton_attention.num_splits_for(q.shape[0], num_kv_heads, max_context, num_sms, block_n)
         return triton_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, splits,
                                                        block_n)

@@ -77,11 +77,14 @@ def supports(head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0 and 16 <= head_dim <= 256
 
 
-def tile_for(element_size: int) -> int:
-    """Tokens per tile. The loop is bound by memory latency, so wider tiles keep more bytes in
-    flight: on the H200 (2026-12-02, b32 at 8k) 128 read bf16 KV at 4,209 GB/s against 3,728 with
-    64, and fp8 at 2,492 against 2,092. fp32 keeps 64 (the tiles' registers)."""
-    return 64 if element_size >= 4 else 128
+def tile_for(element_size: int, batch: int) -> int:
+    """Tokens per tile. The loop is bound by memory latency, so wider tiles keep more bytes in flight
+    where programs are few per slice. Measured on the H200 (2026-12-02, bench_decode_kernel.py):
+    b32 at 8k, 128 read bf16 KV at 4,209 GB/s against 3,728 with 64, fp8 2,492 against 2,092; b1 at
+    32k, bf16 was faster with 64 and fp8 with 128. fp32 keeps 64 (the tiles' registers)."""
+    if element_size >= 4 or element_size == 2 and batch < 8:
+        return 64
+    return 128
 
 
 def num_splits_for(batch: int, num_kv_heads: int, max_context: int, num_sms: int, block_n: int = 64) -> int:
