@@ -115,12 +115,12 @@ def ran_out(rows: list[dict], slo_ms: float) -> dict:
 
 
 def compare_tokens(rows: list[dict]):
-    """Turns that every policy ran must have the same tokens (exact in fp32; bf16 batches differ)."""
+    """Turns that every policy ran must have the same tokens (exact in fp32; bf16 batches differ):
+    each row against the first policy's row of its N (a run of one policy compares nothing)."""
     for n in sorted({r["agents"] for r in rows}):
         same_n = [r for r in rows if r["agents"] == n and r["tokens"]]
-        ref = same_n[0]["tokens"] if same_n else []
-        for r in same_n:
-            pairs = [(a.get(k), b[k]) for a, b in zip(r["tokens"], ref) for k in b if k in a]
+        for r in same_n[1:]:
+            pairs = [(a.get(k), b[k]) for a, b in zip(r["tokens"], same_n[0]["tokens"]) for k in b if k in a]
             r["turns_compared"], r["turns_equal"] = len(pairs), sum(x == y for x, y in pairs)
 
 

@@ -14,9 +14,10 @@ def test_long_profile_serves_every_turn_with_the_same_tokens_under_every_policy(
     semantic, recompute = result["rows"]
     for r in result["rows"]:
         assert r["refused"] == 0 and r["agents_crashed"] == 0, r["refusals"]
-        assert r["ttft_resumed_ms"]["count"] > 0 and r["turns_equal"] == r["turns_compared"] > 0
+        assert r["ttft_resumed_ms"]["count"] > 0
         assert r["context_max"] > 96 + 8 and r["timeline_png"]
         assert r["prefix_cache"]["hit_tokens"] >= 32        # later agents found the shared system prompt cached
+    assert recompute["turns_equal"] == recompute["turns_compared"] > 0 and "turns_compared" not in semantic
     assert semantic["gib_out"] > 0 and semantic["kv_drops_device"] + semantic["kv_drops_host"] > 0
     assert recompute["recompute_gpu_s"] > 0 and recompute["gib_out"] == 0
     assert {"torch", "gpu", "date", "git"} <= result.keys()
