@@ -17,14 +17,14 @@ if importlib.util.find_spec("triton") is None:
 if torch.cuda.is_available():
     pytest.skip("the compiled kernel is tested in test_gpu_kernels.py", allow_module_level=True)
 
-CASES = [(4, 4, 1), (4, 4, 5), (8, 2, 3), (16, 2, 8)]     # heads, KV heads, slices
+CASES = [(4, 4, 1, 64), (4, 4, 5, 64), (8, 2, 3, 64), (16, 2, 8, 64), (8, 2, 3, 128)]  # heads, KV heads, slices, tile
 CHILD = """
 import json, sys, torch
 from djinnd.model.attention import decode_attention_torch
 from djinnd.model.triton_attention import paged_decode_attention
 lens, block_size, num_blocks, head_dim = [1, 15, 16, 17, 100, 513], 16, 80, 32
 errors = []
-for heads, kv_heads, num_splits in json.loads(sys.argv[1]):
+for heads, kv_heads, num_splits, block_n in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(heads * 100 + num_splits)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
@@ -32,7 +32,7 @@ for heads, kv_heads, num_splits in json.loads(sys.argv[1]):
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens]).int()
     q = torch.randn(len(lens), heads, head_dim, generator=g)
     ctx = torch.tensor(lens, dtype=torch.int32)
-    out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, num_splits=num_splits)
+    out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, num_splits=num_splits, block_n=block_n)
     ref = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
     errors.append(((out.double() - ref).norm() / ref.norm()).item())
 print(json.dumps(errors))

@@ -87,9 +87,10 @@ def test_split_kernel_equals_the_references_up_to_64k(dtype, kv_heads, group):
     ref = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
     one_pass = one_pass_decode(q, k_cache, v_cache, tables, ctx)
     assert rel_err(one_pass, ref) < TOL[dtype]
-    for splits in (1, num_splits_for(len(lens), kv_heads, 65536, NUM_SMS), 256):
-        out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, splits)
-        assert rel_err(out, ref) < TOL[dtype], (splits, rel_err(out, ref))
+    for block_n in (64, tile_for(q.element_size(), 32)):    # the tiles the engine uses at b1 and b32
+        for splits in (1, num_splits_for(len(lens), kv_heads, 65536, NUM_SMS, block_n), 256):
+            out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, splits, block_n)
+            assert rel_err(out, ref) < TOL[dtype], (block_n, splits, rel_err(out, ref))
 
 
 def test_a_graph_of_the_split_kernel_replays_for_other_contexts_and_tables():
