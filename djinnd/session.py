@@ -71,6 +71,7 @@ class Session:
     block_table: list[int] = field(default_factory=list)
     block_keys: list = field(default_factory=list)  # content keys of its leading blocks the prefix cache knows
     prefix_root: bytes | None = None                # where its keys start (who it may share with); None: no sharing
+    token_keys: list = field(default_factory=list)  # (end, key) of its full blocks of tokens, hashed once (prefix cache)
     state: SessionState = SessionState.IDLE
     phase: Phase = Phase.ACTIVE
     request: Request | None = None
@@ -85,6 +86,12 @@ class Session:
     transfers: list = field(default_factory=list)   # copies in flight that touch this session's KV
     prefetched: bool = False                        # KV came back by prefetch since the last request
     paused: object = None                           # the held forward while PAUSED (engine/breakpoints.py)
+
+    def cut_tokens(self, keep: int):
+        """History past `keep` goes, with the keys of blocks that reached past it."""
+        del self.tokens[keep:]
+        while self.token_keys and self.token_keys[-1][0] > keep:
+            self.token_keys.pop()
 
     @property
     def num_new_tokens(self) -> int:

@@ -116,6 +116,25 @@ def test_the_whole_prompt_known_still_feeds_its_last_token_and_duplicates_merge_
     integrity(sched)
 
 
+def test_a_waiting_prompt_is_hashed_once_and_a_prompt_taken_back_takes_its_keys(monkeypatch):
+    """The scheduler looks a waiting prompt up every step: each block is hashed once per session.
+    A prompt refused or cancelled before it ran is cut off again, and its keys with it, so the
+    next prompt is looked up by its own tokens, never by the keys of the one before."""
+    import djinnd.memory.prefix_cache as prefix_cache
+    pool = pool_of(20, BS)
+    sched = scheduler_of(pool, "lru", host_blocks=20)
+    run(sched, session(1, PREFIX + [1]))
+    hashed = []
+    monkeypatch.setattr(prefix_cache, "block_key", lambda parent, tokens: hashed.append(1) or block_key(parent, tokens))
+    b = session(2, PREFIX + [2])
+    for _ in range(5):
+        assert len(sched.pager.prefix.lookup(b)) == 3
+    assert len(hashed) == 3
+    b.cut_tokens(0)
+    b.tokens += [7] * 12 + [2]
+    assert sched.pager.prefix.lookup(b) == []
+
+
 def test_other_roots_share_nothing():
     pool = pool_of(20, BS)
     sched = scheduler_of(pool, "lru", host_blocks=20)
@@ -159,7 +178,7 @@ def test_a_cancelled_request_cut_inside_its_own_known_block_takes_it_out_of_the_
     sched.schedule()
     a.num_cached = len(a.tokens)
     sched.pager.prefix.register(a, may_move=False)      # the prompt's blocks became known mid-request
-    del a.tokens[14:]                                   # the abort cuts the history back ...
+    a.cut_tokens(14)                                    # the abort cuts the history back ...
     a.num_cached = 14                                   # ... to inside the fourth block, now known
     sched.finish(a)
     assert len(a.block_keys) == 4 and a.num_cached == 14 and len(a.block_table) == 4
@@ -379,7 +398,7 @@ def admit_and_run(sched, s: Session, prompt: list[int]) -> bool:
             sched.waiting.remove(s)
         sched.refused.clear()
         s.change_state(SessionState.IDLE)
-        del s.tokens[len(s.tokens) - len(prompt):]
+        s.cut_tokens(len(s.tokens) - len(prompt))
         s.request = None
         return False
     assert_kv_is_history(sched.pool, s)
@@ -445,7 +464,7 @@ def random_step(sched, engine, rng):
     """Admit what fits; each running session decodes a token, ends, pauses or resumes, at random."""
     sched.schedule()
     for s, _ in sched.refused:
-        del s.tokens[len(s.tokens) - s.request.num_prompt_tokens:]
+        s.cut_tokens(len(s.tokens) - s.request.num_prompt_tokens)
         s.request = None
         s.change_state(SessionState.IDLE)
     sched.refused.clear()

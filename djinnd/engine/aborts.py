@@ -10,7 +10,7 @@ from libdjinn.protocol import ErrorCode
 def abort(engine, s: Session, event):
     """End s's request before it finished with `event` (Failed, or Done for a cancel)."""
     kept = len(s.tokens) - s.request.num_prompt_tokens - len(s.request.output)
-    del s.tokens[kept:]
+    s.cut_tokens(kept)
     s.num_cached = min(s.num_cached, kept)
     if s.kv is KVPlace.HOST:
         _drop_host_kv(engine, s)

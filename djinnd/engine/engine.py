@@ -407,7 +407,7 @@ class Engine:
 
     def _refuse(self, refused: list):
         for s, why in refused:
-            s.tokens = s.tokens[:len(s.tokens) - s.request.num_prompt_tokens]
+            s.cut_tokens(len(s.tokens) - s.request.num_prompt_tokens)
             s.request = None
             s.change_state(SessionState.IDLE)
             self.replies.pop(s.id)(cmd.Failed(ErrorCode.NO_CAPACITY, f"session {s.id}: {why}"))

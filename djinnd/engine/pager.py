@@ -316,7 +316,7 @@ class Pager:
         The K/V of the tokens kept does not depend on later ones, so it stays valid wherever it is."""
         if keep >= len(s.tokens):
             return
-        del s.tokens[keep:]
+        s.cut_tokens(keep)
         s.num_cached = min(s.num_cached, keep)
         gone = self.prefix.cut(s)          # keeps the one it ends inside: copied before it is written
         n = self.pool.blocks_for(s.num_cached)

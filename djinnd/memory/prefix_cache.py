@@ -51,8 +51,14 @@ class PrefixCache:
         pool.on_reclaim, pool.keeps = self._reclaimed, self._keeps
 
     # ---- lookups ------------------------------------------------------------------------------
-    def _parent(self, s: Session) -> bytes:
-        return s.block_keys[-1] if s.block_keys else s.prefix_root
+    def _key(self, s: Session, i: int) -> bytes:
+        """Key of s's i-th full block of tokens. Hashed once per session and block: a prompt waiting
+        for room is looked up every step, and its tokens only grow between cuts (Session.cut_tokens)."""
+        keys, bs = s.token_keys, self.block_size
+        while len(keys) <= i:
+            n = len(keys)
+            keys.append(((n + 1) * bs, block_key(keys[-1][1] if keys else s.prefix_root, s.tokens[n * bs:(n + 1) * bs])))
+        return keys[i][1]
 
     def lookup(self, s: Session) -> list[KnownBlock]:
         """Known blocks that continue s's history: its next full blocks of tokens to feed, all but
@@ -60,10 +66,9 @@ class PrefixCache:
         bs, start = self.block_size, len(s.block_keys)
         if s.prefix_root is None or s.num_cached != start * bs or len(s.block_table) != start:
             return []
-        found, parent = [], self._parent(s)
+        found = []
         for i in range(start, (len(s.tokens) - 1) // bs):
-            parent = block_key(parent, s.tokens[i * bs:(i + 1) * bs])
-            block = self.known.get(parent)
+            block = self.known.get(self._key(s, i))
             if block is None:
                 break
             found.append(block)
@@ -133,10 +138,9 @@ class PrefixCache:
         out of the batch, nothing copies into its blocks); otherwise registering stops there."""
         if s.prefix_root is None or s.kv is not KVPlace.DEVICE:
             return
-        bs, parent = self.block_size, self._parent(s)
-        for i in range(len(s.block_keys), min(s.num_cached // bs, len(s.block_table))):
-            parent = block_key(parent, s.tokens[i * bs:(i + 1) * bs])
-            b = self.known.setdefault(parent, KnownBlock(parent))
+        for i in range(len(s.block_keys), min(s.num_cached // self.block_size, len(s.block_table))):
+            key = self._key(s, i)
+            b = self.known.setdefault(key, KnownBlock(key))
             own = s.block_table[i]
             if b.device is None:
                 self._place(b, own)
@@ -146,7 +150,7 @@ class PrefixCache:
                 self.pool.share(b.device)
                 self.pool.free([own])
                 s.block_table[i] = b.device
-            s.block_keys.append(parent)
+            s.block_keys.append(key)
 
     def cut(self, s: Session) -> list[bytes]:
         """s's history was cut to num_cached tokens: it lets go of the known blocks past them and
