@@ -117,7 +117,10 @@ def test_agents_batched_and_paged_get_the_resident_tokens(policy, streamed_daemo
     prompts = random_prompts(TINY_VOCAB, [30 + i % 7 for i in range(12)], seed=11)   # as test_paging: no near-ties
     pairs = list(zip(prompts[::2], prompts[1::2]))[:6 if policy == "semantic" else 4]   # 16 KV blocks: ~3 agents
     try:
-        agents = [spawn_agent(daemon.socket, agent_jobs(a, b, new_tokens=12)) for a, b in pairs]
+        jobs = [agent_jobs(a, b, new_tokens=12) for a, b in pairs]
+        for j in jobs:      # tool calls long enough that the agents' KV is held at once, however slow they start
+            j[1] = {"tool_s": 2.0, "expected_s": 2.0}
+        agents = [spawn_agent(daemon.socket, j) for j in jobs]
         outs = [agent.communicate(timeout=300) for agent in agents]
         with libdjinn.connect(daemon.socket) as djinn:
             status = djinn.status()
