@@ -8,7 +8,6 @@ steering, capture or tensor-parallel ranks keep two forwards.
 """
 import torch
 
-from djinnd.engine.runner import LaunchedStep
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, decode_attention_torch, prefill_attention
 from djinnd.model.attention import write_kv
 from djinnd.session import Session
@@ -29,7 +28,9 @@ def run_mixed(runner, decode: list[Session], chunks: list[tuple[Session, int]], 
     runner.batch.sync(decode, runner.seeds)
     n, rows = runner.batch.num_rows, list(runner.batch.sessions)
     h, meta = _forward(runner, n, rows, chunks)
-    launched = _sample_rows(runner, n, rows, runner.model.logits(h[:n]))
+    b = runner.batch
+    b.positions[:n] += b.is_live[:n]               # as the decode graph does after its forward
+    launched = runner.sample_rows(rows, runner.model.logits(h[:n]))
     ends = [i for i, (s, c) in enumerate(chunks) if c == s.num_new_tokens]
     first = []
     if ends:
@@ -67,18 +68,3 @@ def _forward(runner, n: int, rows: list[Session], chunks):
     h = model.embed(torch.cat([b.input_ids[:n], ids.to(runner.device, non_blocking=True)]))
     cos, sin = model.rope(torch.cat([positions, meta.positions]), h.dtype)
     return model.run_layers(h, ForwardContext(cos, sin, attend, runner.decoder.fused), pool.k, pool.v), meta
-
-
-def _sample_rows(runner, n: int, rows: list[Session], logits) -> LaunchedStep:
-    """As a decode step does: positions advance, the sampled ids become the rows' next input."""
-    b = runner.batch
-    b.positions[:n] += b.is_live[:n]
-    ids = b.sampling.sample(logits, b.positions[:n], n)
-    b.input_ids[:n] = ids
-    host = runner.host_ids[runner._flip][:n]
-    runner._flip ^= 1
-    host.copy_(ids, non_blocking=True)
-    done = torch.cuda.Event() if runner.is_cuda else None
-    if done is not None:
-        done.record()
-    return LaunchedStep(rows, [s.request for s in rows], host, done)

@@ -123,6 +123,12 @@ class Runner:
         mode = self.interventions.mode(rows)
         logits = self.decoder.run(n, bound, mode)
         captured = self._stage_capture(rows) if mode == "capture" else None
+        return self.sample_rows(rows, logits, captured)
+
+    def sample_rows(self, rows: list[Session], logits, captured: tuple | None = None) -> "LaunchedStep":
+        """Sample the decode rows' next ids on the device, feed them back as the rows' next input,
+        and copy them to the host behind the step (an event marks the copy)."""
+        n = len(rows)
         ids = self.batch.sampling.sample(logits, self.batch.positions[:n], n)
         self.batch.input_ids[:n] = ids
         host = self.host_ids[self._flip][:n]
