@@ -48,10 +48,12 @@ class Reprefill:
 
     def step(self) -> bool:
         """Feed one chunk of the due session returning first that fits. False: nothing to do."""
-        if self.due_in() != 0.0:
+        if not self.enabled:
             return False
         now = time.monotonic()
         due = [s for s in self._candidates() if policies.returns_at(s) - self._lead_s(s) <= now and self._fits(s)]
+        if not due:
+            return False
         s = min(due, key=policies.returns_at)
         try:
             self._feed(s)
