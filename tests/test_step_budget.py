@@ -6,28 +6,56 @@ from test_scheduler import pool_of, prefilled, scheduler_of, waiting_session
 from djinnd.engine.step_budget import StepBudget
 
 
-def simulate(budget: StepBudget, fixed_s: float, token_s: float, decode_s: float, steps: int = 40) -> int:
-    """Steps whose prefill costs fixed_s + token_s per token (weights read once, then per token)."""
-    n = 0
+def simulate(budget: StepBudget, fixed_s: float, token_s: float, decode_s: float, steps: int = 40,
+             prefill_s: float | None = None) -> list[int]:
+    """Steps beside decoding rows that take decode_s + fixed_s + token_s per prompt token (weights
+    read once, a fixed cost, then per token), after a decode step and a prompt on its own (prefill_s
+    for 2,048 tokens; token_s each by default) as in the engine. The chunks fed."""
+    budget.observe_decode(decode_s)
+    budget.observe_prefill(2048, 2048 * token_s if prefill_s is None else prefill_s)
+    chunks = []
     for _ in range(steps):
-        n = budget.tokens(True, 2048)
-        budget.observe_prefill(n, fixed_s + token_s * n)
-        budget.observe_decode(decode_s)
-    return n
+        chunks.append(budget.tokens(True, 2048))
+        budget.observe_step(chunks[-1], decode_s + fixed_s + token_s * chunks[-1])
+    return chunks
 
 
 def test_budget_settles_where_prefill_and_decode_fill_the_step():
     budget = StepBudget(max_step_ms=50)
-    n = simulate(budget, fixed_s=0.004, token_s=20e-6, decode_s=0.010)
+    n = simulate(budget, fixed_s=0.004, token_s=20e-6, decode_s=0.010)[-1]
     assert abs((0.004 + 20e-6 * n + 0.010) - 0.050) < 0.002, n      # the step takes about 50 ms
     assert budget.tokens(False, 2048) == 2048                      # nobody waits on a prompt-only step
 
 
 def test_budget_never_stops_prompts_and_is_off_at_zero():
     budget = StepBudget(max_step_ms=5)
-    assert simulate(budget, fixed_s=0.004, token_s=20e-6, decode_s=0.010) == budget.min_tokens > 0
+    assert simulate(budget, fixed_s=0.004, token_s=20e-6, decode_s=0.010)[-1] == budget.min_tokens > 0
     off = StepBudget(max_step_ms=0)
-    assert simulate(off, fixed_s=0.004, token_s=20e-6, decode_s=0.010) == 2048
+    assert simulate(off, fixed_s=0.004, token_s=20e-6, decode_s=0.010)[-1] == 2048
+
+
+def test_a_large_fixed_cost_per_step_is_learned_within_a_few_steps():
+    """A mixed step costs 20 ms whatever its prompt tokens (eager forward, prefix gathers): a time per
+    token (time / tokens) overstates small chunks and creeps down to the chunk over many steps over
+    budget; the fitted line finds it after the first steps, and says what it found."""
+    budget = StepBudget(max_step_ms=40)
+    chunks = simulate(budget, fixed_s=0.020, token_s=50e-6, decode_s=0.0065, steps=20)
+    ideal = (0.040 - 0.0065 - 0.020) / 50e-6                     # 270 tokens fill the step
+    settled = chunks[3:]
+    assert all(abs(n - ideal) <= 0.15 * ideal for n in settled), chunks
+    assert all(0.0265 + 50e-6 * n <= 1.1 * 0.040 for n in settled), chunks
+    status = budget.status()
+    assert abs(status["step_base_ms"] - 26.5) < 1 and abs(status["step_token_ms"] - 0.05) < 0.005, status
+
+
+def test_chunks_stuck_at_the_floor_grow_back_when_steps_get_cheaper():
+    """Alike chunks tell the fixed cost from the per-token one apart no more: the budget tries larger
+    ones while steps come in under budget, and settles where the cheaper steps fill the budget."""
+    budget = StepBudget(max_step_ms=40)
+    assert simulate(budget, fixed_s=0.040, token_s=50e-6, decode_s=0.0065, steps=40)[-1] == 32
+    chunks = simulate(budget, fixed_s=0.020, token_s=50e-6, decode_s=0.0065, steps=25)
+    assert all(0.0265 + 50e-6 * n <= 1.1 * 0.040 for n in chunks), chunks
+    assert abs(chunks[-1] - 270) <= 0.15 * 270, chunks
 
 
 def scheduler_with_budget(admission: str):

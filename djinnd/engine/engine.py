@@ -292,6 +292,7 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
+        started = time.perf_counter()         # decoding sessions wait for the whole step: the budget times it all
         for s in self.scheduler.running:      # blocks filled last step become known before admission
             self.pager.prefix.register(s, may_move=False)
         resumed = self.breaks.resumed(self.scheduler.running)
@@ -306,7 +307,7 @@ class Engine:
         prefill = [(s, n) for s, n in plan.prefill if s not in stepped]
         if not (decode or prefill or stepped or resumed):
             time.sleep(0.001)  # everything waits for blocks; let the inbox bring a close or release
-        self._batched(decode, prefill)
+        self._batched(decode, prefill, started)
         # Breakpoint forwards go after the batch's step is launched: the host launches their eager
         # kernels while the GPU runs the batch, instead of the batch waiting for them.
         for s in resumed:
@@ -314,7 +315,7 @@ class Engine:
         for s in stepped:
             self._on_its_own(s, self.breaks.start)
 
-    def _batched(self, decode: list[Session], prefill: list[tuple[Session, int]]):
+    def _batched(self, decode: list[Session], prefill: list[tuple[Session, int]], step_started: float):
         """The batch's forwards of this step: mixed, or prefill then decode."""
         budget, started = self.scheduler.budget, time.perf_counter()   # budget learns what steps cost
         if prefill and decode and self.config.engine.mixed_steps and can_mix(self.runner, decode, prefill):
@@ -322,19 +323,20 @@ class Engine:
             self._forward("mixed", decode + [s for s, _ in prefill],
                           lambda: run_mixed(self.runner, decode, prefill, pipelined), len(decode))
             self.metrics.inc("prompt_tokens", fed)
-            if budget.decode_s is not None:   # the step's time past a decode step's is the prompt's
-                budget.observe_prefill(fed, max(0.0, time.perf_counter() - started - budget.decode_s))
+            budget.observe_step(fed, time.perf_counter() - step_started)
             return
+        fed = sum(n for _, n in prefill)
         if prefill:
             self._forward("prefill", [s for s, _ in prefill], lambda: zip(
-                [s for s, _ in prefill], self.runner.prefill(prefill)), sum(n for _, n in prefill))
-            budget.observe_prefill(sum(n for _, n in prefill), time.perf_counter() - started)
-            started = time.perf_counter()
+                [s for s, _ in prefill], self.runner.prefill(prefill)), fed)
+            budget.observe_prefill(fed, time.perf_counter() - started)
         if decode or self.runner.in_flight:
             pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
+            decode_started = time.perf_counter()
             self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
             if decode:
-                budget.observe_decode(time.perf_counter() - started)
+                budget.observe_decode(time.perf_counter() - (decode_started if prefill else step_started))
+                budget.observe_step(fed, time.perf_counter() - step_started)    # nothing when no prompt was fed
 
     def _on_its_own(self, s: Session, run):
         """A forward of s alone (breakpoints); a refusal (a segment quota) ends its request, not the step."""
