@@ -72,7 +72,11 @@ def exhausted(r: dict) -> str:
                     f"(recompute {use.get('GPU recompute', 0):.0%} of the run)")
     if use.get("queueing", 0) >= 0.5:
         full.append(f"queueing {use['queueing']:.0%} of p99 TTFT")
-    return ", ".join(full) or "nothing (load below capacity)"
+    if full:
+        return ", ".join(full)
+    busiest = max(((k, v) for k, v in use.items() if k not in ("queueing", "GPU recompute")),
+                  key=lambda kv: kv[1], default=("nothing", 0.0))
+    return f"nothing at its limit (busiest: {busiest[0]} {busiest[1]:.0%})"
 
 
 def size(nbytes: float) -> str:
