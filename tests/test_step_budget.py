@@ -16,7 +16,7 @@ def simulate(budget: StepBudget, fixed_s: float, token_s: float, decode_s: float
     chunks = []
     for _ in range(steps):
         chunks.append(budget.tokens(True, 2048))
-        budget.observe_step(chunks[-1], decode_s + fixed_s + token_s * chunks[-1])
+        budget.observe_step([(0, chunks[-1])], decode_s + fixed_s + token_s * chunks[-1])
     return chunks
 
 
@@ -56,6 +56,75 @@ def test_chunks_stuck_at_the_floor_grow_back_when_steps_get_cheaper():
     chunks = simulate(budget, fixed_s=0.020, token_s=50e-6, decode_s=0.0065, steps=25)
     assert all(0.0265 + 50e-6 * n <= 1.1 * 0.040 for n in chunks), chunks
     assert abs(chunks[-1] - 270) <= 0.15 * 270, chunks
+
+
+MS = 1e-3
+DECODE_S = 6.5 * MS
+
+
+def attention_step_s(chunks: list[tuple[int, int]]) -> float:
+    """A mixed step on a simulated engine: 32 rows decoding (6.5 ms), 3 ms fixed, 0.02 ms per prompt
+    token and attention over each chunk's prefix: a 2,048-token chunk after 14k cached tokens takes
+    90 ms, one at the start of its prompt 52 ms."""
+    return DECODE_S + 3 * MS + sum(0.02 * MS * n + 1.257e-9 * n * (p + n / 2) for p, n in chunks)
+
+
+def feed(budget: StepBudget, prompts: list[tuple[int, int]]) -> list[tuple[int, int, float]]:
+    """Prompts (first uncached token, end) arriving one after another while sessions decode, after
+    a decode step and a 16k prompt on its own, as in bench_mixed.py. Each step feeds what the budget
+    allows; its time reaches the budget one step late, as the engine reads the GPU's time of a step
+    once the next is launched. (prefix, tokens, seconds) of each step."""
+    for p in range(0, 16384, 2048):
+        budget.observe_prefill(2048, attention_step_s([(p, 2048)]) - DECODE_S)
+    budget.observe_decode(DECODE_S)
+    steps, launched = [], None
+    for p, end in prompts:
+        while p < end:
+            n = min(end - p, budget.tokens(True, 2048, [(p, end - p)]))
+            steps.append((p, n, attention_step_s([(p, n)])))
+            if launched:
+                budget.observe_step(*launched)
+            launched, p = ([(p, n)], steps[-1][2]), p + n
+    return steps
+
+
+def fewest_steps(prompts: list[tuple[int, int]], max_step_s: float) -> int:
+    """Steps of a scheduler that knows the cost: each the largest chunk that fits."""
+    count = 0
+    for p, end in prompts:
+        while p < end:
+            n = max(k for k in range(1, end - p + 1, 8) if attention_step_s([(p, k)]) <= max_step_s)
+            count, p = count + 1, p + n
+    return count
+
+
+def test_chunks_late_in_a_long_prompt_stay_within_the_step():
+    """Attention over a long prompt's cached prefix makes its late chunks dearer than its first: the
+    budget shrinks them as the prefix grows (a cost per token fitted to the early chunks overshoots
+    late ones), and still fills the step, so prefill loses little of its rate."""
+    prompts = [(0, 16384), (0, 16384)]
+    steps = feed(StepBudget(max_step_ms=30), prompts)
+    assert all(s <= 1.15 * 0.030 for _, _, s in steps), steps
+    late = [n for p, n, _ in steps if p > 12000]
+    assert max(late) < min(n for p, n, _ in steps[2:] if p < 4000), steps
+    assert len(steps) <= 1.1 * fewest_steps(prompts, 0.030), (len(steps), fewest_steps(prompts, 0.030))
+
+
+def test_a_turn_over_a_long_cached_history_gets_chunks_for_its_prefix():
+    """Agents continue long histories: after a short new prompt, a turn with 28k tokens cached is fed
+    in chunks sized for attention over those 28k tokens from its first step."""
+    steps = feed(StepBudget(max_step_ms=30), [(0, 4096), (28000, 32768)])
+    assert all(s <= 1.15 * 0.030 for _, _, s in steps), steps
+    turn = [s for p, _, s in steps if p >= 28000][:-1]           # its last chunk is what was left
+    assert min(turn) >= 0.8 * 0.030, steps                         # it still fills the step
+
+
+def test_two_prompts_in_one_step_share_its_time_by_their_prefixes():
+    budget = StepBudget(max_step_ms=30)
+    feed(budget, [(0, 16384)])
+    n = budget.tokens(True, 2048, [(0, 200), (28000, 10000)])      # a short prompt ends, a long one goes on
+    seconds = attention_step_s([(0, 200), (28000, n - 200)])
+    assert n > 200 and 0.85 * 0.030 <= seconds <= 1.15 * 0.030, (n, seconds)
 
 
 def scheduler_with_budget(admission: str):

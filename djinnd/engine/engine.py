@@ -6,6 +6,7 @@ import os
 import queue
 import threading
 import time
+from functools import partial
 
 from djinnd.engine import aborts
 from djinnd.engine import commands as cmd
@@ -20,6 +21,7 @@ from djinnd.engine.reprefill import Reprefill
 from djinnd.engine import request_checks
 from djinnd.engine.scheduler import Scheduler
 from djinnd.engine.status import engine_status
+from djinnd.engine.step_clock import StepClock
 from djinnd.engine.weights_export import WeightExports
 from djinnd.memory.prefix_cache import root_key
 from djinnd.memory.activations import QuotaExceeded, SegmentQuota
@@ -43,6 +45,7 @@ class Engine:
         e = config.engine
         self.runner = Runner(loaded.model, pool, device, e.max_num_seqs, self.max_model_len, e.attention, e.cuda_graphs)
         self.runner.decoder.capture()
+        self.clock = StepClock(device)            # the device's time of each step, for the step budget
         self.pager = Pager(config.memory.policy, pool, arena, Swapper(pool, arena, device, self.metrics),
                            config.memory.prefetch_lead_ms / 1e3, config.memory.evict_low_water,
                            config.memory.learned_quantile, config.memory.prefix_sharing)
@@ -292,7 +295,7 @@ class Engine:
 
     # ---- stepping -------------------------------------------------------------------------
     def step(self):
-        started = time.perf_counter()         # decoding sessions wait for the whole step: the budget times it all
+        started = self.clock.mark()           # decoding sessions wait for the whole step: the budget times it all
         for s in self.scheduler.running:      # blocks filled last step become known before admission
             self.pager.prefix.register(s, may_move=False)
         resumed = self.breaks.resumed(self.scheduler.running)
@@ -315,28 +318,33 @@ class Engine:
         for s in stepped:
             self._on_its_own(s, self.breaks.start)
 
-    def _batched(self, decode: list[Session], prefill: list[tuple[Session, int]], step_started: float):
-        """The batch's forwards of this step: mixed, or prefill then decode."""
-        budget, started = self.scheduler.budget, time.perf_counter()   # budget learns what steps cost
+    def _batched(self, decode: list[Session], prefill: list[tuple[Session, int]], step_started):
+        """The batch's forwards of this step: mixed, or prefill then decode. The budget learns what
+        they cost on the device (engine/step_clock.py) and at which prefixes the chunks were fed."""
+        budget, clock = self.scheduler.budget, self.clock
+        fed, chunks = sum(n for _, n in prefill), [(s.num_cached, n) for s, n in prefill]
         if prefill and decode and self.config.engine.mixed_steps and can_mix(self.runner, decode, prefill):
-            pipelined, fed = not any(s.request.params.has_decode_breakpoints for s in decode), sum(n for _, n in prefill)
+            pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
             self._forward("mixed", decode + [s for s, _ in prefill],
                           lambda: run_mixed(self.runner, decode, prefill, pipelined), len(decode))
             self.metrics.inc("prompt_tokens", fed)
-            budget.observe_step(fed, time.perf_counter() - step_started)
+            clock.span(step_started, clock.mark(), partial(budget.observe_step, chunks))
+            clock.poll()
             return
-        fed = sum(n for _, n in prefill)
         if prefill:
             self._forward("prefill", [s for s, _ in prefill], lambda: zip(
                 [s for s, _ in prefill], self.runner.prefill(prefill)), fed)
-            budget.observe_prefill(fed, time.perf_counter() - started)
+            prefilled = clock.mark()
+            clock.span(step_started, prefilled, partial(budget.observe_prefill, fed))
         if decode or self.runner.in_flight:
             pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
-            decode_started = time.perf_counter()
             self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
             if decode:
-                budget.observe_decode(time.perf_counter() - (decode_started if prefill else step_started))
-                budget.observe_step(fed, time.perf_counter() - step_started)    # nothing when no prompt was fed
+                decoded = clock.mark()
+                clock.span(prefilled if prefill else step_started, decoded, budget.observe_decode)
+                if prefill:
+                    clock.span(step_started, decoded, partial(budget.observe_step, chunks))
+        clock.poll()
 
     def _on_its_own(self, s: Session, run):
         """A forward of s alone (breakpoints); a refusal (a segment quota) ends its request, not the step."""

@@ -73,7 +73,9 @@ class Scheduler:
         plan = Plan()
         running = sorted(self.running, key=lambda s: s.num_new_tokens) if self.shortest_first else self.running
         decoding = any(s.num_new_tokens == 1 and s.state is SessionState.RUNNING for s in running)
-        budget = self.budget.tokens(decoding, self.max_num_batched_tokens)
+        prompts = [(s.num_cached, s.num_new_tokens) for s in running                 # attention grows with prefix
+                   if s.state is SessionState.RUNNING and s.num_new_tokens > 1]
+        budget = self.budget.tokens(decoding, self.max_num_batched_tokens, prompts)
         for s in running:
             if s.state is not SessionState.RUNNING:
                 continue                     # paused at a breakpoint: waits for its client

@@ -1,22 +1,33 @@
 """StepBudget: how many prompt tokens a step may feed while sessions are decoding, so that the step,
 and with it every decoding session's time per output token, stays near max_step_ms while long
-prompts arrive (stall-free batching). Learned from the engine's own timings: a step that feeds n
-prompt tokens beside the decoding rows takes about base_s + n * token_s, a line fitted by
-recency-weighted least squares over the last steps (base_s holds the decoding rows and the step's
-fixed cost: a mixed step runs eagerly where a decode step replays a CUDA graph). A time per token
-alone, time / n, overstates small chunks when that fixed cost is large and reaches the chunk that
-fills the step only slowly, steps over budget on the way. A line needs chunks of different sizes:
-when the recent ones are alike and the last step was under budget, the next tries GROWTH times
-more; no chunk goes past GROWTH times the largest measured, nor past the last one when that step
-ran over budget (the line is wrong there, e.g. still fitted to steps from before a change in
-cost). A step feeds at least min_tokens, so prompts always progress."""
+prompts arrive (stall-free batching). Learned from the engine's own timings of the GPU's work: a
+step that feeds chunks of n_i prompt tokens, each after p_i tokens of its prompt already cached,
+beside the decoding rows takes about
+
+    base_s + token_s * sum(n_i) + pair_s * sum(n_i * (p_i + n_i / 2))
+
+(base_s: the decoding rows and the step's fixed cost; token_s: the linear layers per token; pair_s:
+attention, per (query, key) pair over the chunk's prefix and itself, so a chunk late in a long
+prompt costs more than one at its start), fitted by recency-weighted least squares with no term
+below zero over the last steps. A fit needs chunks of different sizes to tell base_s from token_s:
+while the recent ones are alike, base_s is a decode step's time, and the next chunk tries GROWTH
+times more when the last step was under budget; while their prefixes are alike, pair_s is 0.
+No chunk goes past GROWTH times the largest measured, nor past the last one when that step ran
+over budget (the fit is wrong there, e.g. still fitted to steps from before a change in cost).
+Each prompt fed in a step takes what fits at its own prefix. A step feeds at least min_tokens, so
+prompts always progress."""
+import itertools
+import math
 from collections import deque
 
-WINDOW = 32        # recent steps the line is fitted to
+import numpy as np
+
+WINDOW = 32        # recent steps the cost is fitted to
 DECAY = 0.9        # a step's weight in the fit, per step of age
 GROWTH = 1.25      # how far past the measured chunks a step goes
-SPREAD = 0.05      # chunk sizes' spread (std / mean) needed to tell the slope from the fixed cost
-FLOOR = 0.5        # the least slope, as a share of a prefill's own time per token (the same FLOPs)
+SPREAD = 0.05      # chunk sizes' spread (std / mean) needed to tell the fixed cost from the per-token one
+FLOOR = 0.5        # the least time per token, as a share of a prefill's own time per token (the same FLOPs)
+RCOND = 1e-3       # terms this close to collinear over the recent steps are not told apart
 
 
 class StepBudget:
@@ -26,8 +37,9 @@ class StepBudget:
         self.smoothing = smoothing
         self.decode_s: float | None = None          # seconds of a decode step
         self.token_s: float | None = None           # seconds per prompt token of a prefill on its own
-        self.steps: deque[tuple[int, float]] = deque(maxlen=WINDOW)   # (prompt tokens, seconds) beside decoding
-        self.line: tuple[float, float] | None = None    # (base_s, seconds per token) fitted to self.steps
+        self.steps: deque[tuple[int, float, float]] = deque(maxlen=WINDOW)  # (tokens, pairs, seconds) beside decoding
+        self.cost: tuple[float, float, float] | None = None   # (base_s, token_s, pair_s) fitted to self.steps
+        self.alike = True                           # the recent chunks' sizes do not tell base_s from token_s
 
     def observe_prefill(self, num_tokens: int, seconds: float):
         """A prefill forward with no decoding rows in it."""
@@ -37,64 +49,107 @@ class StepBudget:
     def observe_decode(self, seconds: float):
         self.decode_s = self._mix(self.decode_s, seconds)
 
-    def observe_step(self, num_tokens: int, seconds: float):
-        """A whole step that fed num_tokens prompt tokens beside decoding rows (one mixed forward, or
-        a prefill forward and a decode forward): what the decoding sessions waited for."""
-        if num_tokens > 0:
-            self.steps.append((num_tokens, seconds))
-            self.line = self._fit()
+    def observe_step(self, chunks: list[tuple[int, int]], seconds: float):
+        """A whole step that fed chunks of (prefix, n) prompt tokens (n tokens after prefix cached ones)
+        beside decoding rows (one mixed forward, or a prefill and a decode): what decoding sessions waited for."""
+        n = sum(k for _, k in chunks)
+        if n > 0:
+            self.steps.append((n, sum(_pairs(p, k) for p, k in chunks), seconds))
+            self.cost = self._fit()
 
-    def tokens(self, decoding: bool, max_tokens: int) -> int:
+    def tokens(self, decoding: bool, max_tokens: int, prompts: list[tuple[int, int]] | None = None) -> int:
         """Prompt tokens this step may feed: all max_tokens when nobody decodes (nobody waits on the
-        step) or nothing is measured yet; else what fits in max_step_ms beside the decode."""
+        step) or nothing is measured yet; else what fits in max_step_ms beside the decode, fed to
+        `prompts`, (prefix, tokens left) in the order the step feeds them (by default one prompt at 0)."""
         if not decoding or self.max_step_s <= 0:
             return max_tokens
-        base_s, per_token_s = self.line or self._per_token()
-        if per_token_s is None:
+        cost = self.cost or self._first_guess()
+        if cost is None:
             return max_tokens
-        n = (self.max_step_s - base_s) / per_token_s if per_token_s > 0 else float("inf")
+        n = min(max_tokens, self._fill(cost, prompts if prompts is not None else [(0, max_tokens)]))
         if self.steps:
-            last_n, last_s = self.steps[-1]
-            if self.line is None and last_s < self.max_step_s:
-                n = max(n, GROWTH * last_n)     # alike chunks: a larger one shows the slope
-            n = min(n, GROWTH * max(k for k, _ in self.steps), last_n if last_s > self.max_step_s else n)
+            last_n, _, last_s = self.steps[-1]
+            if self.alike and last_s < self.max_step_s:
+                n = max(n, GROWTH * last_n)     # alike chunks: a larger one tells base_s from token_s
+            n = min(n, GROWTH * max(k for k, _, _ in self.steps), last_n if last_s > self.max_step_s else n)
         return min(max_tokens, max(self.min_tokens, round(n)))
 
-    def _per_token(self) -> tuple[float, float | None]:
-        """Without a line: the decode step, and the rest of the recent steps' time spread over their
-        tokens (until a step beside decoding rows is timed, a prefill's own time per token)."""
-        if not self.steps:
-            return (self.decode_s, self.token_s) if self.decode_s is not None else (0.0, None)
-        base_s, w = self.decode_s or 0.0, self._weights()
-        rest = sum(wi * (s - base_s) for wi, (_, s) in zip(w, self.steps))
-        return base_s, max(0.0, rest) / sum(wi * n for wi, (n, _) in zip(w, self.steps))
+    def _fill(self, cost: tuple[float, float, float], prompts: list[tuple[int, int]]) -> float:
+        """Tokens that fit in the time left after base_s: each prompt in turn takes what fits at its prefix."""
+        base_s, token_s, pair_s = cost
+        left, n = self.max_step_s - base_s, 0
+        for prefix, remaining in prompts:
+            per_token = max(token_s + pair_s * prefix, FLOOR * (self.token_s or 0.0))   # its chunk's first token
+            fits = _largest_chunk(left, per_token, pair_s)
+            if fits < remaining:
+                return n + fits
+            n, left = n + remaining, left - remaining * (per_token + pair_s * remaining / 2)
+        return n
 
-    def _fit(self) -> tuple[float, float] | None:
-        """Weighted least squares of seconds on tokens; None when the chunks are too alike. A negative
-        base is taken as a line through 0."""
-        w, steps = self._weights(), self.steps
-        total = sum(w)
-        mean_n = sum(wi * n for wi, (n, _) in zip(w, steps)) / total
-        mean_s = sum(wi * s for wi, (_, s) in zip(w, steps)) / total
-        var_n = sum(wi * (n - mean_n) ** 2 for wi, (n, _) in zip(w, steps)) / total
-        if len(steps) < 2 or var_n < (SPREAD * mean_n) ** 2:
-            return None
-        slope = sum(wi * (n - mean_n) * (s - mean_s) for wi, (n, s) in zip(w, steps)) / total / var_n
-        slope = max(slope, FLOOR * (self.token_s or 0.0))   # noise on a narrow spread can flatten it
-        if mean_s - slope * mean_n < 0:
-            squares = sum(wi * n * n for wi, (n, _) in zip(w, steps))
-            return 0.0, sum(wi * n * s for wi, (n, s) in zip(w, steps)) / squares
-        return mean_s - slope * mean_n, slope
+    def _first_guess(self) -> tuple[float, float, float] | None:
+        """Before any step beside decoding rows: a decode step, then a prefill's own time per token."""
+        return None if self.decode_s is None or self.token_s is None else (self.decode_s, self.token_s, 0.0)
 
-    def _weights(self) -> list[float]:
-        return [DECAY ** age for age in range(len(self.steps) - 1, -1, -1)]
+    def _fit(self) -> tuple[float, float, float]:
+        """(base_s, token_s, pair_s) over self.steps. While the chunks are alike, base_s is a decode
+        step's; while their prefixes are alike (short prompts only), pair_s is 0: the curvature of
+        n^2 / 2 alone is too weak to tell attention from noise or from a change in cost."""
+        n, pairs, s = (np.array(c, dtype=float) for c in zip(*self.steps))
+        w = DECAY ** np.arange(len(n) - 1, -1, -1.0)
+        self.alike = len(n) < 2 or not _spread(n, w, np.average(n, weights=w))
+        prefixes_vary = _spread(pairs / n - n / 2, w, np.average(pairs / n, weights=w))
+        base_s = (self.decode_s or 0.0) if self.alike else 0.0
+        base, token_s, pair_s = _nonnegative_fit([None if self.alike else np.ones_like(n), n,
+                                                  pairs if prefixes_vary else None], s - base_s, w)
+        return base_s + base, token_s, pair_s
 
     def _mix(self, old: float | None, new: float) -> float:
         return new if old is None else old + self.smoothing * (new - old)
 
     def status(self) -> dict:
         ms = lambda s: None if s is None else round(s * 1e3, 3)   # noqa: E731
-        base_s, per_token_s = self.line or (None, None)
+        base_s, per_token_s, pair_s = self.cost or (None, None, None)
         return {"max_step_ms": self.max_step_s * 1e3, "decode_step_ms": ms(self.decode_s),
                 "prompt_token_ms": ms(self.token_s), "step_base_ms": ms(base_s), "step_token_ms": ms(per_token_s),
-                "recent_steps": [[n, ms(s)] for n, s in list(self.steps)[-8:]]}   # (prompt tokens, ms)
+                "step_pair_ns": None if pair_s is None else round(pair_s * 1e9, 4),   # per (query, key) pair
+                "recent_steps": [[n, round(pairs / n - n / 2), ms(s)]            # (prompt tokens, prefix, ms)
+                                 for n, pairs, s in list(self.steps)[-8:]]}
+
+
+def _pairs(prefix: int, n: int) -> float:
+    """(query, key) pairs of attention of n prompt tokens after prefix cached ones (causal: n^2/2 among them)."""
+    return n * (prefix + n / 2)
+
+
+def _largest_chunk(seconds: float, per_token: float, pair_s: float) -> float:
+    """The largest k with per_token * k + pair_s * k^2 / 2 <= seconds (the root written so pair_s may be 0)."""
+    if seconds <= 0:
+        return 0.0
+    root = per_token + math.sqrt(per_token ** 2 + 2 * pair_s * seconds)
+    return 2 * seconds / root if root > 0 else math.inf
+
+
+def _spread(x, w, scale: float) -> bool:
+    """x varies (weighted std) by at least SPREAD times scale."""
+    return np.average((x - np.average(x, weights=w)) ** 2, weights=w) >= (SPREAD * scale) ** 2
+
+
+def _nonnegative_fit(columns: list, y, w) -> list[float]:
+    """Weighted least squares of y on the columns (None: left out, coefficient 0) with no coefficient
+    below zero: the best fit over the subsets of the columns whose own fit has none (exact for three
+    columns). A subset whose columns are near collinear is skipped: noise would split the time
+    between them at random."""
+    best, best_err = [0.0] * len(columns), math.inf
+    root_w, present = np.sqrt(w), [i for i, c in enumerate(columns) if c is not None]
+    for size in range(len(present), 0, -1):
+        for subset in itertools.combinations(present, size):
+            x = np.stack([columns[i] for i in subset], axis=1) * root_w[:, None]
+            scale = np.linalg.norm(x, axis=0)
+            coef, _, rank, _ = np.linalg.lstsq(x / scale, y * root_w, rcond=RCOND)
+            coef = coef / scale
+            err = float(np.sum((x @ coef - y * root_w) ** 2))
+            if rank == size and (coef >= 0).all() and err < best_err * (1 - 1e-9):
+                best, best_err = [0.0] * len(columns), err
+                for i, c in zip(subset, coef):
+                    best[i] = float(c)
+    return best
