@@ -87,8 +87,10 @@ class StepBudget:
         return n
 
     def _first_guess(self) -> tuple[float, float, float] | None:
-        """Before any step beside decoding rows: a decode step, then a prefill's own time per token."""
-        return None if self.decode_s is None or self.token_s is None else (self.decode_s, self.token_s, 0.0)
+        """Before any step beside decoding rows: a decode step, then twice a prefill's own time per
+        token. Its fixed cost is not known yet, and one step over budget is every decoding session's
+        worst time per token; a step under budget costs prefill a little and shows the cost."""
+        return None if self.decode_s is None or self.token_s is None else (self.decode_s, 2 * self.token_s, 0.0)
 
     def _fit(self) -> tuple[float, float, float]:
         """(base_s, token_s, pair_s) over self.steps. While the chunks are alike, base_s is a decode
