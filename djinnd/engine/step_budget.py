@@ -26,7 +26,7 @@ WINDOW = 32        # recent steps the cost is fitted to
 DECAY = 0.9        # a step's weight in the fit, per step of age
 GROWTH = 1.25      # how far past the measured chunks a step goes
 SPREAD = 0.05      # chunk sizes' spread (std / mean) needed to tell the fixed cost from the per-token one
-FLOOR = 0.5        # the least time per token, as a share of a prefill's own time per token (the same FLOPs)
+FLOOR = 0.5        # the least time per token, as a share of the least a prefill on its own took (the same FLOPs)
 RCOND = 1e-3       # terms this close to collinear over the recent steps are not told apart
 
 
@@ -37,6 +37,7 @@ class StepBudget:
         self.smoothing = smoothing
         self.decode_s: float | None = None          # seconds of a decode step
         self.token_s: float | None = None           # seconds per prompt token of a prefill on its own
+        self.least_token_s = 0.0                    # the least of those: a small prompt's is mostly fixed cost
         self.steps: deque[tuple[int, float, float]] = deque(maxlen=WINDOW)  # (tokens, pairs, seconds) beside decoding
         self.cost: tuple[float, float, float] | None = None   # (base_s, token_s, pair_s) fitted to self.steps
         self.alike = True                           # the recent chunks' sizes do not tell base_s from token_s
@@ -45,6 +46,7 @@ class StepBudget:
         """A prefill forward with no decoding rows in it."""
         if num_tokens > 0:
             self.token_s = self._mix(self.token_s, seconds / num_tokens)
+            self.least_token_s = min(self.least_token_s or math.inf, seconds / num_tokens)
 
     def observe_decode(self, seconds: float):
         self.decode_s = self._mix(self.decode_s, seconds)
@@ -79,7 +81,7 @@ class StepBudget:
         base_s, token_s, pair_s = cost
         left, n = self.max_step_s - base_s, 0
         for prefix, remaining in prompts:
-            per_token = max(token_s + pair_s * prefix, FLOOR * (self.token_s or 0.0))   # its chunk's first token
+            per_token = max(token_s + pair_s * prefix, FLOOR * self.least_token_s)   # its chunk's first token
             fits = _largest_chunk(left, per_token, pair_s)
             if fits < remaining:
                 return n + fits
