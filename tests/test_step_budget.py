@@ -110,6 +110,13 @@ def test_chunks_late_in_a_long_prompt_stay_within_the_step():
     assert len(steps) <= 1.1 * fewest_steps(prompts, 0.030), (len(steps), fewest_steps(prompts, 0.030))
 
 
+def test_a_128k_prompt_stays_within_the_step_to_its_end():
+    """Over a 128k prompt the chunks shrink step by step and become alike: trying larger ones to tell
+    the fixed cost apart must not push a step that already fills the budget over it."""
+    steps = feed(StepBudget(max_step_ms=30), [(0, 131072)])
+    assert all(s <= 1.15 * 0.030 for _, _, s in steps), max(steps, key=lambda step: step[2])
+
+
 def test_a_turn_over_a_long_cached_history_gets_chunks_for_its_prefix():
     """Agents continue long histories: after a short new prompt, a turn with 28k tokens cached is fed
     in chunks sized for attention over those 28k tokens from its first step."""

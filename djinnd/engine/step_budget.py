@@ -10,8 +10,8 @@ beside the decoding rows takes about
 attention, per (query, key) pair over the chunk's prefix and itself, so a chunk late in a long
 prompt costs more than one at its start), fitted by recency-weighted least squares with no term
 below zero over the last steps. A fit needs chunks of different sizes to tell base_s from token_s:
-while the recent ones are alike, base_s is a decode step's time, and the next chunk tries GROWTH
-times more when the last step was under budget; while their prefixes are alike, pair_s is 0.
+while the recent ones are alike, base_s is a decode step's time, and the next chunk tries up to
+GROWTH times more when the last step was under budget (no more than time in proportion would fit); while their prefixes are alike, pair_s is 0.
 No chunk goes past GROWTH times the largest measured, nor past the last one when that step ran
 over budget (the fit is wrong there, e.g. still fitted to steps from before a change in cost).
 Each prompt fed in a step takes what fits at its own prefix. A step feeds at least min_tokens, so
@@ -71,8 +71,8 @@ class StepBudget:
         n = min(max_tokens, self._fill(cost, prompts if prompts is not None else [(0, max_tokens)]))
         if self.steps:
             last_n, _, last_s = self.steps[-1]
-            if self.alike and last_s < self.max_step_s:
-                n = max(n, GROWTH * last_n)     # alike chunks: a larger one tells base_s from token_s
+            if self.alike and last_s < self.max_step_s:     # alike chunks: a larger one tells base_s from
+                n = max(n, min(GROWTH, self.max_step_s / last_s) * last_n)   # token_s, in time at most in proportion
             n = min(n, GROWTH * max(k for k, _, _ in self.steps), last_n if last_s > self.max_step_s else n)
         return min(max_tokens, max(self.min_tokens, round(n)))
 
@@ -101,7 +101,7 @@ class StepBudget:
         n, pairs, s = (np.array(c, dtype=float) for c in zip(*self.steps))
         w = DECAY ** np.arange(len(n) - 1, -1, -1.0)
         self.alike = len(n) < 2 or not _spread(n, w, np.average(n, weights=w))
-        prefixes_vary = _spread(pairs / n - n / 2, w, np.average(pairs / n, weights=w))
+        prefixes_vary = _spread(pairs / n - n / 2, w, np.average(n, weights=w))
         base_s = (self.decode_s or 0.0) if self.alike else 0.0
         base, token_s, pair_s = _nonnegative_fit([None if self.alike else np.ones_like(n), n,
                                                   pairs if prefixes_vary else None], s - base_s, w)
@@ -156,4 +156,6 @@ def _nonnegative_fit(columns: list, y, w) -> list[float]:
                 best, best_err = [0.0] * len(columns), err
                 for i, c in zip(subset, coef):
                     best[i] = float(c)
+        if best_err < math.inf and size == len(present):
+            break           # the fit of all columns has none below zero: no subset fits better
     return best
