@@ -72,7 +72,7 @@ class StepBudget:
         if self.steps:
             last_n, _, last_s = self.steps[-1]
             if self.alike and last_s < self.max_step_s:     # alike chunks: a larger one tells base_s from
-                n = max(n, min(GROWTH, self.max_step_s / last_s) * last_n)   # token_s, in time at most in proportion
+                n = max(n, min(GROWTH, self.max_step_s / max(last_s, 1e-9)) * last_n)   # token_s, in time at most in proportion
             n = min(n, GROWTH * max(k for k, _, _ in self.steps), last_n if last_s > self.max_step_s else n)
         return min(max_tokens, max(self.min_tokens, round(n)))
 
