@@ -11,11 +11,11 @@ attention, per (query, key) pair over the chunk's prefix and itself, so a chunk 
 prompt costs more than one at its start), fitted by recency-weighted least squares with no term
 below zero over the last steps. A fit needs chunks of different sizes to tell base_s from token_s:
 while the recent ones are alike, base_s is a decode step's time, and the next chunk tries up to
-GROWTH times more when the last step was under budget (no more than time in proportion would fit); while their prefixes are alike, pair_s is 0.
-No chunk goes past GROWTH times the largest measured, nor past the last one when that step ran
-over budget (the fit is wrong there, e.g. still fitted to steps from before a change in cost).
-Each prompt fed in a step takes what fits at its own prefix. A step feeds at least min_tokens, so
-prompts always progress."""
+GROWTH times more when the last step was under budget (no more than would fit if time grew in
+proportion to tokens); while their prefixes are alike, pair_s is 0. No chunk goes past GROWTH
+times the largest measured, nor past the last one when that step ran over budget (the fit is
+wrong there, e.g. still fitted to steps from before a change in cost). Each prompt fed in a step
+takes what fits at its own prefix. A step feeds at least min_tokens, so prompts always progress."""
 import itertools
 import math
 from collections import deque
@@ -71,8 +71,8 @@ class StepBudget:
         n = min(max_tokens, self._fill(cost, prompts if prompts is not None else [(0, max_tokens)]))
         if self.steps:
             last_n, _, last_s = self.steps[-1]
-            if self.alike and last_s < self.max_step_s:     # alike chunks: a larger one tells base_s from
-                n = max(n, min(GROWTH, self.max_step_s / max(last_s, 1e-9)) * last_n)   # token_s, in time at most in proportion
+            if self.alike and last_s < self.max_step_s:     # a larger chunk tells base_s from token_s
+                n = max(n, min(GROWTH, self.max_step_s / max(last_s, 1e-9)) * last_n)
             n = min(n, GROWTH * max(k for k, _, _ in self.steps), last_n if last_s > self.max_step_s else n)
         return min(max_tokens, max(self.min_tokens, round(n)))
 
