@@ -322,13 +322,15 @@ class Engine:
         """The batch's forwards of this step: mixed, or prefill then decode. The budget learns what
         they cost on the device (engine/step_clock.py) and at which prefixes the chunks were fed."""
         budget, clock = self.scheduler.budget, self.clock
+        timed = budget.max_step_s > 0     # steps beside decoding rows matter only to a budget; prefills to re-prefill too
         fed, chunks = sum(n for _, n in prefill), [(s.num_cached, n) for s, n in prefill]
         if prefill and decode and self.config.engine.mixed_steps and can_mix(self.runner, decode, prefill):
             pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
             self._forward("mixed", decode + [s for s, _ in prefill],
                           lambda: run_mixed(self.runner, decode, prefill, pipelined), len(decode))
             self.metrics.inc("prompt_tokens", fed)
-            clock.span(step_started, clock.mark(), partial(budget.observe_step, chunks))
+            if timed:
+                clock.span(step_started, clock.mark(), partial(budget.observe_step, chunks))
             clock.poll()
             return
         if prefill:
@@ -339,7 +341,7 @@ class Engine:
         if decode or self.runner.in_flight:
             pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
             self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
-            if decode:
+            if decode and timed:
                 decoded = clock.mark()
                 clock.span(prefilled if prefill else step_started, decoded, budget.observe_decode)
                 if prefill:
