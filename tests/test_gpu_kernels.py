@@ -133,6 +133,41 @@ def test_prefill_chunk_over_a_long_paged_prefix_equals_the_reference(prefix, chu
     assert rel_err(out, ref[0].transpose(0, 1)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype,heads,kv_heads", [(torch.float32, 8, 8), (torch.bfloat16, 32, 8),
+                                                   (torch.bfloat16, 28, 4), (torch.float32, 8, 1)])
+def test_paged_prefill_kernel_equals_the_reference_on_ragged_chunks(dtype, heads, kv_heads):
+    """One launch for a ragged batch of chunks (fresh, after a 64k prefix, one token, short) over random
+    block tables, GQA groups 1, 4, 7 and 8, against float64 SDPA on the gathered context."""
+    from djinnd.engine.kernels import prefill_attention_kernel
+    from djinnd.model.attention import build_prefill_metadata, prefill_attention
+    from torch.nn.attention.bias import causal_lower_right
+    g = torch.Generator(device="cuda").manual_seed(heads)
+    prefixes, chunks, block_size, head_dim = [0, 65536, 300, 17], [300, 700, 1, 64], 16, 128
+    contexts = [p + c for p, c in zip(prefixes, chunks)]
+    num_blocks = sum(-(-c // block_size) for c in contexts) + 4
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, device="cuda", generator=g).to(dtype)
+    order, tables = torch.randperm(num_blocks, device="cuda", generator=g).tolist(), []
+    for c in contexts:
+        tables.append(order[:-(-c // block_size)])
+        order = order[len(tables[-1]):]
+    meta = build_prefill_metadata(chunks, contexts, tables, block_size, "cuda")
+    q = torch.randn(sum(chunks), heads, head_dim, device="cuda", generator=g).to(dtype)
+    k = torch.randn(sum(chunks), kv_heads, head_dim, device="cuda", generator=g).to(dtype)
+    v = torch.randn(sum(chunks), kv_heads, head_dim, device="cuda", generator=g).to(dtype)
+    out = prefill_attention(q, k, v, k_cache, v_cache, meta, prefill_attention_kernel("cuda", head_dim, "auto"))
+    assert meta.tiles is not None                    # the kernel ran, not the per-session path
+    group, start = heads // kv_heads, 0
+    for table, chunk, ctx in zip(tables, chunks, contexts):
+        keys = k_cache[table].flatten(0, 1)[:ctx].double().repeat_interleave(group, 1).transpose(0, 1)[None]
+        values = v_cache[table].flatten(0, 1)[:ctx].double().repeat_interleave(group, 1).transpose(0, 1)[None]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[start:start + chunk].double().transpose(0, 1)[None], keys, values,
+            attn_mask=causal_lower_right(chunk, ctx))
+        assert rel_err(out[start:start + chunk], ref[0].transpose(0, 1)) < TOL[dtype], (chunk, ctx)
+        start += chunk
+
+
 def engine_tokens(overrides: dict, prompts, new_tokens: int):
     from djinnd.config import load_config
     from djinnd.daemon import build_engine

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from djinnd.engine.kernels import decode_attention_kernel, fused_kernels
+from djinnd.engine.kernels import decode_attention_kernel, fused_kernels, prefill_attention_kernel
 from djinnd.model.attention import ForwardContext, decode_attention_torch, write_kv
 
 
@@ -21,6 +21,7 @@ class DecodeGraphs:
         self.model, self.pool, self.batch = model, pool, batch
         self.kernel = decode_attention_kernel(device, model.args.head_dim, backend, model.args.num_kv_heads,
                                               batch.block_tables.shape[1] * pool.block_size)
+        self.prefill_kernel = prefill_attention_kernel(device, model.args.head_dim, backend)
         self.fused = fused_kernels(device, backend)
         self.use_graphs = use_graphs and torch.device(device).type == "cuda"
         self.logits = torch.zeros(batch.max_rows, model.args.vocab_size, dtype=torch.float32, device=device)

@@ -23,6 +23,24 @@ def decode_attention_kernel(device, head_dim: int, backend: str, num_kv_heads: i
     return attend
 
 
+def prefill_attention_kernel(device, head_dim: int, backend: str):
+    """The Triton paged prefill kernel (chunks attend to their paged context in place), or None for
+    the torch path (a gather per session, then FlashAttention or SDPA)."""
+    if backend == "torch" or torch.device(device).type != "cuda":
+        return None
+    from djinnd.model import triton_attention, triton_prefill
+    if not triton_attention.supports(head_dim):
+        return None                 # decode_attention_kernel has said why where "triton" was asked for
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def attend(q, k_cache, v_cache, meta):
+        if meta.tiles is None:      # one plan per forward: every layer launches the same tiles
+            meta.tiles = triton_prefill.plan(meta.query_lens, meta.context_lens, q.shape[1] // k_cache.shape[2],
+                                             k_cache.shape[2], q.element_size(), q.device, num_sms)
+        return triton_prefill.paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.tiles)
+    return attend
+
+
 def fused_kernels(device, backend: str):
     """The module of fused norm/RoPE/SiLU kernels, or None for the torch path."""
     if backend == "torch" or torch.device(device).type != "cuda":

@@ -63,7 +63,8 @@ def _forward(runner, n: int, rows: list[Session], chunks):
             rows_out = kernel(q[:n], k_cache, v_cache, tables, context_lens)
         else:
             rows_out = decode_attention_torch(q[:n], k_cache, v_cache, tables, context_lens, width)
-        return torch.cat([rows_out, prefill_attention(q[n:], k[n:], v[n:], k_cache, v_cache, meta)])
+        return torch.cat([rows_out, prefill_attention(q[n:], k[n:], v[n:], k_cache, v_cache, meta,
+                                                            runner.decoder.prefill_kernel)])
 
     h = model.embed(torch.cat([b.input_ids[:n], ids.to(runner.device, non_blocking=True)]))
     cos, sin = model.rope(torch.cat([positions, meta.positions]), h.dtype)

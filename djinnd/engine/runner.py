@@ -57,7 +57,8 @@ class Runner:
             ids = [t for s, n in chunks for t in s.tokens[s.num_cached:s.num_cached + n]]
             hidden = self.model.embed(torch.tensor(ids).to(self.device, non_blocking=True))
         cos, sin = self.model.rope(meta.positions, hidden.dtype)
-        ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta),
+        kernel = self.decoder.prefill_kernel
+        ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta, kernel),
                              self.decoder.fused)
         return self.model.run_layers(hidden, ctx, self.pool.k, self.pool.v, start, stop, after), meta
 

@@ -51,6 +51,7 @@ class PrefillMetadata:
     context_lens: list[int]       # tokens in its KV after the step
     last_token_index: torch.Tensor  # [B] index in [T] of each session's last token
     block_size: int
+    tiles: object = None          # the paged prefill kernel's launch plan, made at the first layer
 
 
 def build_prefill_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -65,9 +66,13 @@ def build_prefill_metadata(query_lens: list[int], context_lens: list[int], block
                            (torch.tensor(query_lens).cumsum(0) - 1).to(**to), block_size)
 
 
-def prefill_attention(q, k, v, k_cache, v_cache, meta: PrefillMetadata):
-    """q [T, H, D], k/v [T, Hkv, D]; each session's chunk attends causally to its prefix and itself."""
+def prefill_attention(q, k, v, k_cache, v_cache, meta: PrefillMetadata, kernel=None):
+    """q [T, H, D], k/v [T, Hkv, D]; each session's chunk attends causally to its prefix and itself.
+    With `kernel` (engine/kernels.py) every chunk after a cached prefix reads it in place, all in one
+    launch; without one, or when no chunk has a prefix, FlashAttention/SDPA per session."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    if kernel is not None and meta.query_lens != meta.context_lens:
+        return kernel(q, k_cache, v_cache, meta)
     out, start = torch.empty_like(q), 0
     gqa = q.shape[1] != k.shape[1]
     for i, (q_len, ctx) in enumerate(zip(meta.query_lens, meta.context_lens)):

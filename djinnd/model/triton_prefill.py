@@ -1,0 +1,138 @@
+"""Paged prefill attention (Triton, CUDA only): prompt chunks of any number of sessions attend, in
+one launch, causally to their whole context read in place through the block table. Nothing is
+gathered and nothing quadratic is built, so a short chunk after a 128k prefix costs its own FLOPs.
+
+A program owns a tile of one session's chunk (ROWS query rows = tokens x the GQA group of one KV
+head, so each KV block is read once per group) and one slice of the keys that tile can see. Short
+chunks over long prefixes are split over the keys (as flash-decoding splits decode) and the slices
+are merged by log-sum-exp with the decode kernel's merge. Tested against `attention.prefill_attention`'s
+torch path on ragged block tables.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from djinnd.model.triton_attention import LOG2E, _merge_splits
+
+
+@triton.jit
+def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, q_start_ptr, q_len_ptr,
+                   ctx_len_ptr, out_ptr, part_ptr, lse_ptr,
+                   stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ot, stride_oh,
+                   scale_log2, GROUP: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seq = tl.load(tile_seq_ptr + tile)
+    first = tl.load(tile_tok_ptr + tile)           # this tile's first token, within its session's chunk
+    q_start, q_len, ctx = tl.load(q_start_ptr + seq), tl.load(q_len_ptr + seq), tl.load(ctx_len_ptr + seq)
+    r = tl.arange(0, ROWS)
+    tok = first + r // GROUP
+    live = (r < TOKENS * GROUP) & (tok < q_len)
+    tok = tl.minimum(tok, q_len - 1)               # padding rows repeat the last token: never all -inf
+    pos = ctx - q_len + tok                        # each row's position: it sees keys [0, pos]
+    head = kv_head * GROUP + r % GROUP
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :])
+    visible = tl.max(pos, axis=0) + 1              # keys the tile's last row sees
+    per_split = tl.cdiv(tl.cdiv(visible, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, visible)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    for kv in range(start, end, BLOCK_N):
+        n = kv + tl.arange(0, BLOCK_N)
+        in_range = n < end
+        block = tl.load(tables_ptr + seq * stride_tb + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [ROWS, BLOCK_N]
+        s = tl.where(in_range[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a row that sees no key of this tile yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+    row = q_start + tok
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
+    else:      # a slice past a row's position leaves l = 0: weight 0 in the merge
+        has = l > 0
+        part = acc / tl.where(has, l, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+        at_part = (row * tl.num_programs(1) * GROUP + head) * NUM_SPLITS + split    # [T, H, S] row-major
+        tl.store(part_ptr + at_part[:, None] * HEAD_DIM + d[None, :], part, mask=live[:, None])
+        tl.store(lse_ptr + at_part, lse, mask=live)
+
+
+@dataclass
+class PrefillTiles:
+    """Per-forward launch plan (the same for every layer): which session and token each tile starts at."""
+    tile_seq: torch.Tensor
+    tile_tok: torch.Tensor
+    q_start: torch.Tensor
+    q_len: torch.Tensor
+    ctx_len: torch.Tensor
+    tokens: int                   # tokens per tile: rows // group
+    rows: int                     # query rows per program
+    block_n: int                  # keys per loop step
+    num_splits: int
+
+
+def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_heads: int, element_size: int,
+         device, num_sms: int) -> PrefillTiles:
+    """Tiles of `rows` query rows (fp32 halves them: the tiles' registers); enough key slices for
+    about two programs per SM, none shorter than four loop steps, at most 64 (the merge's registers)."""
+    rows, block_n = (64, 32) if element_size >= 4 else (128, 64)
+    tokens = max(1, rows // group)
+    seq, tok = [], []
+    for i, q_len in enumerate(query_lens):
+        starts = range(0, q_len, tokens)
+        seq += [i] * len(starts)
+        tok += list(starts)
+    programs = len(seq) * num_kv_heads
+    longest = max(context_lens)
+    splits = max(1, min(-(-2 * num_sms // programs), longest // (4 * block_n), 64))
+    q_start = [0]
+    for q_len in query_lens[:-1]:
+        q_start.append(q_start[-1] + q_len)
+    as_t = lambda x: torch.tensor(x, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    return PrefillTiles(as_t(seq), as_t(tok), as_t(q_start), as_t(query_lens), as_t(context_lens), tokens, rows,
+                        block_n, splits)
+
+
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTiles, num_warps: int = 8,
+                            num_stages: int = 2):
+    """q [T, H, D] chunk tokens, session by session; k_cache/v_cache [blocks, block_size, Hkv, D] of
+    one layer holding every token of each context (the chunk's own K/V already written);
+    block_tables [B, max] int32. Returns [T, H, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    if k_cache.element_size() == 1 and q.dtype == torch.bfloat16:
+        q = q.to(torch.float16)     # as in the decode kernel: e4m3 -> fp16 is one instruction
+    splits = tiles.num_splits
+    part = lse = out
+    if splits > 1:
+        part = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
+    _paged_prefill[(tiles.tile_seq.shape[0], num_kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, tiles.tile_seq, tiles.tile_tok, tiles.q_start, tiles.q_len,
+        tiles.ctx_len, out, part, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5 * LOG2E,
+        GROUP=group, TOKENS=tiles.tokens, ROWS=tiles.rows, NUM_SPLITS=splits, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=tiles.block_n, HEAD_DIM=head_dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        _merge_splits[(num_tokens, num_heads)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits,
+                                               SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim)
+    return out
