@@ -60,15 +60,15 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
 
 
 @triton.jit
-def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, NUM_SPLITS: tl.constexpr,
-                  SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits, SPLITS_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
     b, h = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
-    row = (b * tl.num_programs(1) + h) * NUM_SPLITS + s
-    lse = tl.load(lse_ptr + row, mask=s < NUM_SPLITS, other=float("-inf"))
+    row = (b * tl.num_programs(1) + h) * num_splits + s
+    lse = tl.load(lse_ptr + row, mask=s < num_splits, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, axis=0))         # at least one slice holds a token: max is finite
-    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0)
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
     out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
@@ -118,6 +118,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, HEAD_DIM=head_dim,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
     if num_splits > 1:
-        _merge_splits[(batch, num_heads)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+        _merge_splits[(batch, num_heads)](part, lse, out, out.stride(0), out.stride(1), num_splits,
                                           SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
     return out

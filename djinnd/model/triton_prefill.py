@@ -16,13 +16,38 @@ import triton.language as tl
 
 from djinnd.model.triton_attention import LOG2E, _merge_splits
 
+MAX_SPLITS = 64                # the split count is an argument, not a constant: no compile per count
+
+
+@triton.jit
+def _keys(q, acc, m, l, kv, end, pos, k_ptr, v_ptr, tables_ptr, seq, kv_head, stride_cb, stride_cs, stride_ch,
+          stride_tb, scale_log2, d, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+          MASKED: tl.constexpr):
+    """One tile of keys [kv, kv + BLOCK_N) into the online softmax. Unmasked: every row sees every key."""
+    n = kv + tl.arange(0, BLOCK_N)
+    in_range = n < end
+    block = tl.load(tables_ptr + seq * stride_tb + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+    k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2              # [ROWS, BLOCK_N]
+    if MASKED:
+        s = tl.where(in_range[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    if MASKED:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row that sees no key yet: p = 0, not NaN
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m - m_new)
+    v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l * alpha + tl.sum(p, axis=1)
+
 
 @triton.jit
 def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, q_start_ptr, q_len_ptr,
-                   ctx_len_ptr, out_ptr, part_ptr, lse_ptr,
+                   ctx_len_ptr, out_ptr, part_ptr, lse_ptr, num_splits,
                    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ot, stride_oh,
                    scale_log2, GROUP: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
-                   NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     seq = tl.load(tile_seq_ptr + tile)
@@ -36,38 +61,30 @@ def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, 
     head = kv_head * GROUP + r % GROUP
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :])
-    visible = tl.max(pos, axis=0) + 1              # keys the tile's last row sees
-    per_split = tl.cdiv(tl.cdiv(visible, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    visible = ctx - q_len + tl.max(tok, axis=0) + 1     # keys the tile's last row sees
+    per_split = tl.cdiv(tl.cdiv(visible, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, visible)
+    seen_by_all = tl.minimum(end, ctx - q_len + first + 1)      # keys every row of the tile sees
+    full_end = tl.maximum(start, start + (seen_by_all - start) // BLOCK_N * BLOCK_N)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for kv in range(start, end, BLOCK_N):
-        n = kv + tl.arange(0, BLOCK_N)
-        in_range = n < end
-        block = tl.load(tables_ptr + seq * stride_tb + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-        at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [ROWS, BLOCK_N]
-        s = tl.where(in_range[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a row that sees no key of this tile yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+    for kv in range(start, full_end, BLOCK_N):
+        acc, m, l = _keys(q, acc, m, l, kv, end, pos, k_ptr, v_ptr, tables_ptr, seq, kv_head, stride_cb, stride_cs,
+                          stride_ch, stride_tb, scale_log2, d, BLOCK_SIZE, BLOCK_N, PRECISION, False)
+    for kv in range(full_end, end, BLOCK_N):
+        acc, m, l = _keys(q, acc, m, l, kv, end, pos, k_ptr, v_ptr, tables_ptr, seq, kv_head, stride_cb, stride_cs,
+                          stride_ch, stride_tb, scale_log2, d, BLOCK_SIZE, BLOCK_N, PRECISION, True)
     row = q_start + tok
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=live[:, None])
     else:      # a slice past a row's position leaves l = 0: weight 0 in the merge
         has = l > 0
         part = acc / tl.where(has, l, 1.0)[:, None]
         lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
-        at_part = (row * tl.num_programs(1) * GROUP + head) * NUM_SPLITS + split    # [T, H, S] row-major
+        at_part = (row * tl.num_programs(1) * GROUP + head) * num_splits + split    # [T, H, S] row-major
         tl.store(part_ptr + at_part[:, None] * HEAD_DIM + d[None, :], part, mask=live[:, None])
         tl.store(lse_ptr + at_part, lse, mask=live)
 
@@ -99,7 +116,7 @@ def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_head
         tok += list(starts)
     programs = len(seq) * num_kv_heads
     longest = max(context_lens)
-    splits = max(1, min(-(-2 * num_sms // programs), longest // (4 * block_n), 64))
+    splits = max(1, min(-(-2 * num_sms // programs), longest // (4 * block_n), MAX_SPLITS))
     q_start = [0]
     for q_len in query_lens[:-1]:
         q_start.append(q_start[-1] + q_len)
@@ -108,7 +125,7 @@ def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_head
                         block_n, splits)
 
 
-def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTiles, num_warps: int = 8,
+def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTiles, num_warps: int = 4,
                             num_stages: int = 2):
     """q [T, H, D] chunk tokens, session by session; k_cache/v_cache [blocks, block_size, Hkv, D] of
     one layer holding every token of each context (the chunk's own K/V already written);
@@ -126,13 +143,13 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTil
         lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=q.device)
     _paged_prefill[(tiles.tile_seq.shape[0], num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, tiles.tile_seq, tiles.tile_tok, tiles.q_start, tiles.q_len,
-        tiles.ctx_len, out, part, lse,
+        tiles.ctx_len, out, part, lse, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5 * LOG2E,
-        GROUP=group, TOKENS=tiles.tokens, ROWS=tiles.rows, NUM_SPLITS=splits, BLOCK_SIZE=k_cache.shape[1],
+        GROUP=group, TOKENS=tiles.tokens, ROWS=tiles.rows, SPLIT=splits > 1, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=tiles.block_n, HEAD_DIM=head_dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
-        _merge_splits[(num_tokens, num_heads)](part, lse, out, out.stride(0), out.stride(1), NUM_SPLITS=splits,
-                                               SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim)
+        _merge_splits[(num_tokens, num_heads)](part, lse, out, out.stride(0), out.stride(1), splits,
+                                               SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim)
     return out
