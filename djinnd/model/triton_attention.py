@@ -59,7 +59,7 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
         tl.store(lse_ptr + at, lse, mask=is_head)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits, SPLITS_PAD: tl.constexpr,
                   HEAD_DIM: tl.constexpr):
     b, h = tl.program_id(0), tl.program_id(1)

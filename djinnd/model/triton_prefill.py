@@ -19,30 +19,7 @@ from djinnd.model.triton_attention import LOG2E, _merge_splits
 MAX_SPLITS = 64                # the split count is an argument, not a constant: no compile per count
 
 
-@triton.jit
-def _keys(q, acc, m, l, kv, end, pos, k_ptr, v_ptr, tables_ptr, seq, kv_head, stride_cb, stride_cs, stride_ch,
-          stride_tb, scale_log2, d, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-          MASKED: tl.constexpr):
-    """One tile of keys [kv, kv + BLOCK_N) into the online softmax. Unmasked: every row sees every key."""
-    n = kv + tl.arange(0, BLOCK_N)
-    in_range = n < end
-    block = tl.load(tables_ptr + seq * stride_tb + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-    at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-    k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2              # [ROWS, BLOCK_N]
-    if MASKED:
-        s = tl.where(in_range[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    if MASKED:
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row that sees no key yet: p = 0, not NaN
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m - m_new)
-    v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l * alpha + tl.sum(p, axis=1)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_tb"])   # values that change step by step: one compile
 def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, q_start_ptr, q_len_ptr,
                    ctx_len_ptr, out_ptr, part_ptr, lse_ptr, num_splits,
                    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ot, stride_oh,
@@ -61,21 +38,29 @@ def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, 
     head = kv_head * GROUP + r % GROUP
     d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :])
-    visible = ctx - q_len + tl.max(tok, axis=0) + 1     # keys the tile's last row sees
+    visible = tl.max(pos, axis=0) + 1              # keys the tile's last row sees
     per_split = tl.cdiv(tl.cdiv(visible, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, visible)
-    seen_by_all = tl.minimum(end, ctx - q_len + first + 1)      # keys every row of the tile sees
-    full_end = tl.maximum(start, start + (seen_by_all - start) // BLOCK_N * BLOCK_N)
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for kv in range(start, full_end, BLOCK_N):
-        acc, m, l = _keys(q, acc, m, l, kv, end, pos, k_ptr, v_ptr, tables_ptr, seq, kv_head, stride_cb, stride_cs,
-                          stride_ch, stride_tb, scale_log2, d, BLOCK_SIZE, BLOCK_N, PRECISION, False)
-    for kv in range(full_end, end, BLOCK_N):
-        acc, m, l = _keys(q, acc, m, l, kv, end, pos, k_ptr, v_ptr, tables_ptr, seq, kv_head, stride_cb, stride_cs,
-                          stride_ch, stride_tb, scale_log2, d, BLOCK_SIZE, BLOCK_N, PRECISION, True)
+    for kv in range(start, end, BLOCK_N):
+        n = kv + tl.arange(0, BLOCK_N)
+        in_range = n < end
+        block = tl.load(tables_ptr + seq * stride_tb + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+        at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [ROWS, BLOCK_N]
+        s = tl.where(in_range[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a row that sees no key of this tile yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
     row = q_start + tok
     if not SPLIT:
         tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
