@@ -7,7 +7,8 @@ import time
 import torch
 
 from djinnd.engine.kernels import decode_attention_kernel, fused_kernels, prefill_attention_kernel
-from djinnd.model.attention import ForwardContext, decode_attention_torch, write_kv
+from djinnd.model.attention import ForwardContext, build_prefill_metadata, decode_attention_torch, prefill_attention
+from djinnd.model.attention import write_kv
 
 
 def buckets_for(max_rows: int) -> list[int]:
@@ -73,6 +74,7 @@ class DecodeGraphs:
 
     def capture(self):
         """One graph per bucket, largest first, sharing one memory pool."""
+        self._compile_prefill_kernel()
         if not self.use_graphs or self.model.streamer is not None:
             return
         assert self.batch.num_rows == 0, "capture only while every row is padding"
@@ -86,6 +88,22 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - started
         self.graph_bytes = torch.cuda.memory_reserved() - before
+
+    @torch.inference_mode()
+    def _compile_prefill_kernel(self):
+        """Compile the paged prefill kernel's variants (one key slice, several) at start-up, not in
+        the first step a long prompt meets: a compile holds that step for about a second. One token
+        after a prefix of scratch blocks, K/V written to the scratch block."""
+        if self.prefill_kernel is None:
+            return
+        a, bs, scratch, device = self.model.args, self.pool.block_size, self.pool.scratch_block, self.logits.device
+        dtype = self.model.embed(self.batch.input_ids[:1]).dtype
+        kv_heads = self.pool.k.shape[3]        # this rank's, under tensor parallelism
+        q = torch.zeros(1, kv_heads * a.num_heads // a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
+        kv = torch.zeros(1, kv_heads, a.head_dim, dtype=dtype, device=device)
+        for context in (2, 64 * bs):
+            meta = build_prefill_metadata([1], [context], [[scratch] * -(-context // bs)], bs, device)
+            prefill_attention(q, kv, kv, self.pool.k[0], self.pool.v[0], meta, self.prefill_kernel)
 
     def _capture_one(self, size: int, mode: str, pool) -> "torch.cuda.CUDAGraph":
         side = torch.cuda.Stream()
