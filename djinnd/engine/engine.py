@@ -45,6 +45,8 @@ class Engine:
         e = config.engine
         self.runner = Runner(loaded.model, pool, device, e.max_num_seqs, self.max_model_len, e.attention, e.cuda_graphs)
         self.runner.decoder.capture()
+        if e.mixed_steps:
+            self.runner.capture_mixed(e.max_num_batched_tokens)
         self.clock = StepClock(device)            # the device's time of each step, for the step budget
         self.pager = Pager(config.memory.policy, pool, arena, Swapper(pool, arena, device, self.metrics),
                            config.memory.prefetch_lead_ms / 1e3, config.memory.evict_low_water,

@@ -1,11 +1,14 @@
 """One forward for a step that both decodes and feeds prompt chunks: the decode rows (persistent
 DecodeBatch state on the device) and the chunks' tokens go through the linear layers together, so
 the weights are read once; attention splits by kind (the paged decode kernel for the rows, prefill
-over the paged prefix for the chunks). Decode-only steps keep the CUDA-graph path; steps with
-steering, capture or tensor-parallel ranks keep two forwards.
+over the paged prefix for the chunks). On CUDA the step replays a graph of its bucket
+(engine/mixed_graphs.py) where one fits, else runs eagerly. Decode-only steps keep the decode
+graphs; steps with steering, capture or tensor-parallel ranks keep two forwards.
 
         rows of h:  [0, n) decode rows, one token each | [n, T) chunk tokens, session by session
 """
+import itertools
+
 import torch
 
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, decode_attention_torch, prefill_attention
@@ -27,14 +30,19 @@ def run_mixed(runner, decode: list[Session], chunks: list[tuple[Session, int]], 
         runner.seed(s)
     runner.batch.sync(decode, runner.seeds)
     n, rows = runner.batch.num_rows, list(runner.batch.sessions)
-    h, meta = _forward(runner, n, rows, chunks)
+    graphs = runner.mixed_graphs
+    if graphs is not None and graphs.fits(n, chunks):
+        h, chunk_row = graphs.run(n, chunks)      # CUDA graphs (engine/mixed_graphs.py)
+    else:
+        h, chunk_row = _forward(runner, n, rows, chunks), n
     b = runner.batch
     b.positions[:n] += b.is_live[:n]               # as the decode graph does after its forward
     launched = runner.sample_rows(rows, runner.model.logits(h[:n]))
     ends = [i for i, (s, c) in enumerate(chunks) if c == s.num_new_tokens]
     first = []
     if ends:
-        last = meta.last_token_index[torch.tensor(ends, device=meta.last_token_index.device)] + n
+        offsets = list(itertools.accumulate(c for _, c in chunks))
+        last = torch.tensor([chunk_row + offsets[i] - 1 for i in ends], device=h.device)
         first = list(zip([chunks[i][0] for i in ends], runner._sample([chunks[i][0] for i in ends], h[last])))
     for s, c in chunks:
         s.num_cached += c
@@ -68,4 +76,4 @@ def _forward(runner, n: int, rows: list[Session], chunks):
 
     h = model.embed(torch.cat([b.input_ids[:n], ids.to(runner.device, non_blocking=True)]))
     cos, sin = model.rope(torch.cat([positions, meta.positions]), h.dtype)
-    return model.run_layers(h, ForwardContext(cos, sin, attend, runner.decoder.fused), pool.k, pool.v), meta
+    return model.run_layers(h, ForwardContext(cos, sin, attend, runner.decoder.fused), pool.k, pool.v)

@@ -33,7 +33,7 @@ def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, 
     r = tl.arange(0, ROWS)
     tok = first + r // GROUP
     live = (r < TOKENS * GROUP) & (tok < q_len)
-    tok = tl.minimum(tok, q_len - 1)               # padding rows repeat the last token: never all -inf
+    tok = tl.maximum(tl.minimum(tok, q_len - 1), 0)   # padding rows repeat the last token: never all -inf
     pos = ctx - q_len + tok                        # each row's position: it sees keys [0, pos]
     head = kv_head * GROUP + r % GROUP
     d = tl.arange(0, HEAD_DIM)
@@ -88,20 +88,33 @@ class PrefillTiles:
     num_splits: int
 
 
-def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_heads: int, element_size: int,
-         device, num_sms: int) -> PrefillTiles:
-    """Tiles of `rows` query rows (fp32 halves them: the tiles' registers); enough key slices for
-    about two programs per SM, none shorter than four loop steps, at most 64 (the merge's registers)."""
-    rows, block_n = (64, 32) if element_size >= 4 else (128, 64)
-    tokens = max(1, rows // group)
+def tile_shape(element_size: int) -> tuple[int, int]:
+    """(query rows per program, keys per loop step); fp32 halves both (the tiles' registers)."""
+    return (64, 32) if element_size >= 4 else (128, 64)
+
+
+def num_splits_for(programs: int, longest: int, block_n: int, num_sms: int) -> int:
+    """Key slices per tile: enough for about two programs per SM, none shorter than four loop
+    steps at the longest context, at most MAX_SPLITS (the merge's registers)."""
+    return max(1, min(-(-2 * num_sms // programs), longest // (4 * block_n), MAX_SPLITS))
+
+
+def tile_starts(query_lens: list[int], tokens: int) -> tuple[list[int], list[int]]:
+    """Each tile's (session, first token within its chunk)."""
     seq, tok = [], []
     for i, q_len in enumerate(query_lens):
         starts = range(0, q_len, tokens)
         seq += [i] * len(starts)
         tok += list(starts)
-    programs = len(seq) * num_kv_heads
-    longest = max(context_lens)
-    splits = max(1, min(-(-2 * num_sms // programs), longest // (4 * block_n), MAX_SPLITS))
+    return seq, tok
+
+
+def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_heads: int, element_size: int,
+         device, num_sms: int) -> PrefillTiles:
+    rows, block_n = tile_shape(element_size)
+    tokens = max(1, rows // group)
+    seq, tok = tile_starts(query_lens, tokens)
+    splits = num_splits_for(len(seq) * num_kv_heads, max(context_lens), block_n, num_sms)
     q_start = [0]
     for q_len in query_lens[:-1]:
         q_start.append(q_start[-1] + q_len)
