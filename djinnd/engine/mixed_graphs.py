@@ -30,7 +30,7 @@ def token_buckets(max_tokens: int) -> list[int]:
 
 
 class MixedGraphs:
-    def __init__(self, decoder, max_tokens: int):
+    def __init__(self, decoder, max_tokens: int, num_sms: int):
         self.decoder, self.model, self.pool, self.batch = decoder, decoder.model, decoder.pool, decoder.batch
         a, device, bs = self.model.args, self.batch.input_ids.device, self.pool.block_size
         self.kv_heads = self.pool.k.shape[3]
@@ -40,7 +40,7 @@ class MixedGraphs:
         self.token_sizes = token_buckets(max_tokens)
         self.row_sizes = buckets_for(self.batch.max_rows)
         self.max_context = self.batch.block_tables.shape[1] * bs
-        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self.num_sms = num_sms
         longest, scratch = self.token_sizes[-1], self.pool.scratch_block
         i32 = dict(dtype=torch.int32, device=device)
         self.ids = torch.zeros(longest, dtype=torch.int64, device=device)

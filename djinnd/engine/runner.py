@@ -47,7 +47,8 @@ class Runner:
         """Graphs for mixed steps, where decode steps have graphs and both paged kernels run."""
         d = self.decoder
         if d.graphs and d.kernel and d.prefill_kernel and self.mirror is None and self.model.streamer is None:
-            self.mixed_graphs = MixedGraphs(d, max_tokens)
+            num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            self.mixed_graphs = MixedGraphs(d, max_tokens, num_sms)
             self.mixed_graphs.capture()
 
     # ---- prefill ---------------------------------------------------------------------------
