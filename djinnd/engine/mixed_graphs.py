@@ -57,7 +57,7 @@ class MixedGraphs:
     def _tiles_for(self, tokens: int) -> int:
         return -(-tokens // self.tokens_per_tile) + MAX_SESSIONS      # each prompt adds one partial tile at most
 
-    def fits(self, rows: int, chunks: list[tuple[Session, int]]) -> bool:
+    def fits(self, chunks: list[tuple[Session, int]]) -> bool:
         return bool(self.graphs) and len(chunks) <= MAX_SESSIONS and sum(c for _, c in chunks) <= self.token_sizes[-1]
 
     @torch.inference_mode()

@@ -5,7 +5,8 @@ over the paged prefix for the chunks). On CUDA the step replays a graph of its b
 (engine/mixed_graphs.py) where one fits, else runs eagerly. Decode-only steps keep the decode
 graphs; steps with steering, capture or tensor-parallel ranks keep two forwards.
 
-        rows of h:  [0, n) decode rows, one token each | [n, T) chunk tokens, session by session
+        rows of h:  [0, R) decode rows, one token each | [R, T) chunk tokens, session by session
+        (R = n decode rows eagerly; n's bucket when replayed, its padding rows ignored)
 """
 import itertools
 
@@ -31,7 +32,7 @@ def run_mixed(runner, decode: list[Session], chunks: list[tuple[Session, int]], 
     runner.batch.sync(decode, runner.seeds)
     n, rows = runner.batch.num_rows, list(runner.batch.sessions)
     graphs = runner.mixed_graphs
-    if graphs is not None and graphs.fits(n, chunks):
+    if graphs is not None and graphs.fits(chunks):
         h, chunk_row = graphs.run(n, chunks)      # CUDA graphs (engine/mixed_graphs.py)
     else:
         h, chunk_row = _forward(runner, n, rows, chunks), n
