@@ -11,7 +11,6 @@ import torch
 from djinnd.engine.decode_batch import DecodeBatch
 from djinnd.engine.graphs import DecodeGraphs
 from djinnd.engine.interventions import Interventions
-from djinnd.engine.mixed_graphs import MixedGraphs
 from djinnd.engine.sampler import sample
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, prefill_attention
 from djinnd.session import Session, SessionState
@@ -39,7 +38,7 @@ class Runner:
         self.host_ids = torch.zeros(2, max_num_seqs, dtype=torch.int64, pin_memory=self.is_cuda)  # double-buffered
         self._flip = 0
         self.in_flight: LaunchedStep | None = None     # a decode step whose tokens the host has not read
-        self.mixed_graphs: MixedGraphs | None = None  # mixed steps' CUDA graphs (capture_mixed)
+        self.mixed_graphs = None                       # mixed steps' CUDA graphs (capture_mixed)
         self._layer_indexes: dict[tuple, torch.Tensor] = {}
         self.mirror = getattr(model, "mirror", None)    # tensor parallelism: the other ranks (engine/tp_mirror.py)
 
@@ -47,6 +46,7 @@ class Runner:
         """Graphs for mixed steps, where decode steps have graphs and both paged kernels run."""
         d = self.decoder
         if d.graphs and d.kernel and d.prefill_kernel and self.mirror is None and self.model.streamer is None:
+            from djinnd.engine.mixed_graphs import MixedGraphs     # imports Triton: CUDA machines only
             num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
             self.mixed_graphs = MixedGraphs(d, max_tokens, num_sms)
             self.mixed_graphs.capture()
