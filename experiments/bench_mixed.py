@@ -26,6 +26,7 @@ from djinnd.config import load_config  # noqa: E402
 from djinnd.daemon import build_engine  # noqa: E402
 from djinnd.engine import commands as cmd  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
+from djinnd.metrics import summary  # noqa: E402
 from experiments.harness import stamp  # noqa: E402
 
 
@@ -103,7 +104,8 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
                      "prefill_tps": a.arrivals * a.prompt_len / (ended - started),
                      "decode_tps": len(mixed_gaps) / (ended - started), "window_s": ended - started,
                      "steps_ended_early": any(len(t) >= a.max_new_tokens for t in mixed)},
-           "budget": engine.scheduler.budget.status(), "mixed_steps": engine.metrics.counters.get("mixed_steps", 0)}
+           "budget": engine.scheduler.budget.status(), "mixed_steps": engine.metrics.counters.get("mixed_steps", 0),
+           "step_beside_decode_ms": summary(list(engine.metrics.latency.get("step_beside_decode", [])))}
     row["tpot_p99_vs_alone"] = row["mixed"]["tpot_p99_ms"] / row["decode_alone"]["tpot_p99_ms"]
     row["prefill_share_of_alone"] = row["mixed"]["prefill_tps"] / row["prefill_alone_tps"]
     print(f"  max_step_ms {max_step_ms} mixed_steps {mixed_steps}: {json.dumps(row)}", flush=True)
@@ -147,12 +149,18 @@ def print_table(r):
     print(f"\n{r['model']} on {r['device']} (torch {r['torch']}, {r['date']}): {r['sessions']} sessions decoding at "
           f"{r['context']} tokens while {r['arrivals']} prompts of {r['prompt_len']} tokens arrive")
     print(f"{'max_step_ms forward':>19} {'alone p50/p99':>15} {'mixed p50/p99':>15} {'p99 x alone':>11} "
-          f"{'prefill tok/s':>13} {'of alone':>8}")
+          f"{'prefill tok/s':>13} {'of alone':>8} {'steps p50/p99 ms':>17}")
     for ms, x in r["runs"].items():
         al, mx = x["decode_alone"], x["mixed"]
         print(f"{ms:>19} {al['tpot_p50_ms']:>7.1f}/{al['tpot_p99_ms']:<7.1f} {mx['tpot_p50_ms']:>7.1f}/"
               f"{mx['tpot_p99_ms']:<7.1f} {x['tpot_p99_vs_alone']:>11.2f} {mx['prefill_tps']:>13.0f} "
-              f"{100 * x['prefill_share_of_alone']:>7.0f}%")
+              f"{100 * x['prefill_share_of_alone']:>7.0f}% {_steps(x.get('step_beside_decode_ms', {})):>17}")
+
+
+def _steps(s: dict) -> str:
+    """Time of the steps beside decoding rows: CUDA events on a GPU, the host's clock on CPU (timed only
+    with a step budget). A TPOT tail above the steps' p99 is made between steps, not in them."""
+    return f"{s['p50']:.1f}/{s['p99']:.1f}" if s.get("count") else "-"
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ class Engine:
                           lambda: run_mixed(self.runner, decode, prefill, pipelined), len(decode))
             self.metrics.inc("prompt_tokens", fed)
             if timed:
-                clock.span(step_started, clock.mark(), partial(budget.observe_step, chunks))
+                clock.span(step_started, clock.mark(), partial(self._observe_step, chunks))
             clock.poll()
             return
         if prefill:
@@ -347,7 +347,7 @@ class Engine:
                 decoded = clock.mark()
                 clock.span(prefilled if prefill else step_started, decoded, budget.observe_decode)
                 if prefill:
-                    clock.span(step_started, decoded, partial(budget.observe_step, chunks))
+                    clock.span(step_started, decoded, partial(self._observe_step, chunks))
         clock.poll()
 
     def _on_its_own(self, s: Session, run):
@@ -356,6 +356,12 @@ class Engine:
             self._after_forward(s, run(s))
         except EngineError as e:
             self._abort(s, cmd.Failed(e.code, e.message))
+
+    def _observe_step(self, chunks: list[tuple[int, int]], seconds: float):
+        """A step beside decoding rows, timed on the device: the budget learns from it, and its
+        time joins the latency report (what decoding sessions waited, step by step)."""
+        self.scheduler.budget.observe_step(chunks, seconds)
+        self.metrics.observe_ms("step_beside_decode", seconds * 1e3)
 
     def _forward(self, kind: str, sessions: list[Session], run, num_tokens: int):
         """Run one forward; a failure ends these sessions' requests with an error, and only theirs."""
