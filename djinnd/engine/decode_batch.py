@@ -37,6 +37,13 @@ class DecodeBatch:
     def num_rows(self) -> int:
         return len(self.sessions)
 
+    def rows_kv(self, n: int, block_size: int):
+        """Rows [0, n): positions, block tables, the KV slot each row's token is written to, and its
+        context length (the token included). Device ops only: a graph replays them."""
+        positions, tables = self.positions[:n], self.block_tables[:n]
+        slots = tables.gather(1, (positions // block_size)[:, None])[:, 0].long() * block_size + positions % block_size
+        return positions, tables, slots, (positions + 1).to(torch.int32)
+
     def sync(self, sessions: list[Session], seeds: dict[int, int]):
         """Make the rows hold exactly `sessions`: the ones gone leave, the new ones join."""
         wanted = {s.id for s in sessions}

@@ -43,9 +43,7 @@ class DecodeGraphs:
         num_blocks bounds the torch path's gather (host-known); the kernel needs no bound.
         mode: plain, steer (add the rows' vectors) or capture (steer and stage every layer's output)."""
         b, block_size = self.batch, self.pool.block_size
-        positions, tables = b.positions[:n], b.block_tables[:n]
-        slots = tables.gather(1, (positions // block_size)[:, None])[:, 0].long() * block_size + positions % block_size
-        context_lens = (positions + 1).to(torch.int32)
+        positions, tables, slots, context_lens = b.rows_kv(n, block_size)
         width = num_blocks or tables.shape[1]
 
         def attend(q, k, v, k_cache, v_cache):

@@ -14,7 +14,7 @@ import torch
 
 from djinnd.engine.graphs import buckets_for
 from djinnd.model import triton_prefill
-from djinnd.model.attention import ForwardContext, write_kv
+from djinnd.model.attention import ForwardContext, build_prefill_metadata, write_kv
 from djinnd.session import Session
 
 MAX_SESSIONS = 4      # prompts one replayed step can feed; a step with more runs eagerly
@@ -35,8 +35,9 @@ class MixedGraphs:
         a, device, bs = self.model.args, self.batch.input_ids.device, self.pool.block_size
         self.kv_heads = self.pool.k.shape[3]
         dtype = self.model.embed(self.batch.input_ids[:1]).dtype
-        self.rows, self.block_n = triton_prefill.tile_shape(torch.tensor([], dtype=dtype).element_size())
-        self.tokens_per_tile = max(1, self.rows // (a.num_heads // a.num_kv_heads))
+        self.group, self.element_size = a.num_heads // a.num_kv_heads, torch.tensor([], dtype=dtype).element_size()
+        self.rows, self.block_n = triton_prefill.tile_shape(self.element_size)
+        self.tokens_per_tile = max(1, self.rows // self.group)
         self.token_sizes = token_buckets(max_tokens)
         self.row_sizes = buckets_for(self.batch.max_rows)
         self.max_context = self.batch.block_tables.shape[1] * bs
@@ -63,10 +64,8 @@ class MixedGraphs:
     @torch.inference_mode()
     def forward(self, rows: int, tokens: int) -> torch.Tensor:
         """The static forward of one bucket: hidden states [rows + tokens, hidden]."""
-        b, bs = self.batch, self.pool.block_size
-        positions, tables = b.positions[:rows], b.block_tables[:rows]
-        slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
-        context_lens = (positions + 1).to(torch.int32)
+        b = self.batch
+        positions, tables, slots, context_lens = b.rows_kv(rows, self.pool.block_size)
         n_tiles = self._tiles_for(tokens)
         splits = triton_prefill.num_splits_for(n_tiles * self.kv_heads, self.max_context, self.block_n, self.num_sms)
         tiles = triton_prefill.PrefillTiles(self.tile_seq[:n_tiles], self.tile_tok[:n_tiles], self.lens[0],
@@ -113,25 +112,22 @@ class MixedGraphs:
         return self.outputs[(padded_rows, padded_tokens)], padded_rows
 
     def _load(self, chunks: list[tuple[Session, int]], padded_tokens: int):
-        """Write the chunks into the static buffers (in stream order: after the previous replay)."""
-        bs, scratch = self.pool.block_size, self.pool.scratch_block
-        ids, positions, slots, lens = [], [], [], [[0] * (MAX_SESSIONS + 1) for _ in range(3)]
-        for i, (s, c) in enumerate(chunks):
-            start = s.num_cached
-            lens[0][i], lens[1][i], lens[2][i] = len(ids), c, start + c
-            ids += s.tokens[start:start + c]
-            positions += range(start, start + c)
-            slots += [s.block_table[p // bs] * bs + p % bs for p in range(start, start + c)]
-            self.tables[i, :len(s.block_table)].copy_(torch.tensor(s.block_table, dtype=torch.int32), non_blocking=True)
-        pad = padded_tokens - len(ids)
-        seq, tok = triton_prefill.tile_starts([c for _, c in chunks], self.tokens_per_tile)
-        n_tiles = self._tiles_for(padded_tokens)
-        seq += [MAX_SESSIONS] * (n_tiles - len(seq))
-        tok += [0] * (n_tiles - len(tok))
-        copy = lambda dst, x, dt=torch.int64: dst.copy_(torch.tensor(x, dtype=dt), non_blocking=True)  # noqa: E731
-        copy(self.ids[:padded_tokens], ids + [0] * pad)
-        copy(self.positions[:padded_tokens], positions + [0] * pad)
-        copy(self.slots[:padded_tokens], slots + [scratch * bs] * pad)
-        copy(self.lens, lens, torch.int32)
-        copy(self.tile_seq[:n_tiles], seq, torch.int32)
-        copy(self.tile_tok[:n_tiles], tok, torch.int32)
+        """Write the chunks into the static buffers (in stream order: after the previous replay), as
+        the eager path's metadata and the kernel's plan give them; padding after them."""
+        lens, contexts = [c for _, c in chunks], [s.num_cached + c for s, c in chunks]
+        meta = build_prefill_metadata(lens, contexts, [s.block_table for s, _ in chunks], self.pool.block_size,
+                                      self.ids.device)
+        plan = triton_prefill.plan(lens, contexts, self.group, self.kv_heads, self.element_size, self.ids.device,
+                                   self.num_sms)
+        tokens, sessions, tiles = sum(lens), len(chunks), plan.tile_seq.shape[0]
+        ids = [t for s, c in chunks for t in s.tokens[s.num_cached:s.num_cached + c]]
+        self.ids[:tokens].copy_(torch.tensor(ids), non_blocking=True)
+        self.positions[:tokens].copy_(meta.positions)
+        self.slots[:tokens].copy_(meta.slot_mapping)
+        self.slots[tokens:padded_tokens].fill_(self.pool.scratch_block * self.pool.block_size)
+        self.tables[:sessions, :meta.block_tables.shape[1]].copy_(meta.block_tables)
+        for row, x in enumerate((plan.q_start, plan.q_len, plan.ctx_len)):
+            self.lens[row, :sessions].copy_(x)
+        self.tile_seq[:tiles].copy_(plan.tile_seq)
+        self.tile_seq[tiles:self._tiles_for(padded_tokens)].fill_(MAX_SESSIONS)
+        self.tile_tok[:tiles].copy_(plan.tile_tok)

@@ -61,9 +61,7 @@ def _forward(runner, n: int, rows: list[Session], chunks):
     meta = build_prefill_metadata([c for _, c in chunks], [s.num_cached + c for s, c in chunks],
                                   [s.block_table for s, _ in chunks], bs, runner.device)
     ids = torch.tensor([t for s, c in chunks for t in s.tokens[s.num_cached:s.num_cached + c]])
-    positions, tables = b.positions[:n], b.block_tables[:n]
-    slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
-    context_lens = (positions + 1).to(torch.int32)
+    positions, tables, slots, context_lens = b.rows_kv(n, bs)
     width = None if kernel else pool.blocks_for(max(len(s.tokens) for s in rows) + 1)
 
     def attend(q, k, v, k_cache, v_cache):
