@@ -7,6 +7,7 @@ measured in the same run. CUDA only.
     python experiments/bench_decode_kernel.py --cases 1x1024,1x32768,32x8192 --out r.json
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -52,16 +53,16 @@ def case(batch: int, context: int, kv_dtype, a) -> list[dict]:
     for block_n in a.block_n:
         base = triton_attention.num_splits_for(batch, kv_heads, a.max_context, sms, block_n)
         for splits in sorted({max(1, base * m // 2) for m in a.split_mult}):
-            for warps in a.warps:
+            for warps, stages in itertools.product(a.warps, a.stages):
                 run = lambda: triton_attention.paged_decode_attention(  # noqa: E731
-                    q, k, v, tables, lens, splits, block_n, num_warps=warps)
+                    q, k, v, tables, lens, splits, block_n, num_warps=warps, num_stages=stages)
+                setting = {"block_n": block_n, "splits": splits, "warps": warps, "stages": stages}
                 try:
                     ms = time_ms(run)
                 except Exception as e:          # a setting Triton cannot compile: say so, keep the rest
-                    rows.append({"block_n": block_n, "splits": splits, "warps": warps, "error": str(e)[:200]})
+                    rows.append({**setting, "error": str(e)[:200]})
                     continue
-                rows.append({"block_n": block_n, "splits": splits, "warps": warps, "default_splits": base,
-                             "ms": ms, "kv_gb_per_s": kv_bytes / ms / 1e6})
+                rows.append({**setting, "default_splits": base, "ms": ms, "kv_gb_per_s": kv_bytes / ms / 1e6})
     return rows
 
 
@@ -71,13 +72,15 @@ def main():
     p.add_argument("--block-n", default="32,64,128")
     p.add_argument("--split-mult", default="1,2,4", help="split count x this / 2 (2: the engine's choice)")
     p.add_argument("--warps", default="4,8")
+    p.add_argument("--stages", default="3", help="software pipeline stages (3: Triton's default, the engine's)")
     p.add_argument("--max-context", type=int, default=131072, help="what the engine sizes splits for")
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--out", default="experiments/results/bench_decode_kernel.json")
     a = p.parse_args()
-    a.block_n, a.split_mult, a.warps = ([int(x) for x in s.split(",")] for s in (a.block_n, a.split_mult, a.warps))
+    a.block_n, a.split_mult, a.warps, a.stages = ([int(x) for x in s.split(",")]
+                                                  for s in (a.block_n, a.split_mult, a.warps, a.stages))
     bw = hbm_bandwidth("cuda")
     report = {**stamp(), "hbm_gb_per_s": bw / 1e9, "args": {k: v for k, v in vars(a).items()}, "cases": {}}
     for spec in a.cases.split(","):
@@ -92,9 +95,12 @@ def main():
         ok = [r for r in rows if "ms" in r]
         if not ok:
             continue
-        engine = [r for r in ok if r["block_n"] == 64 and r["splits"] == r["default_splits"] and r["warps"] == 4]
+        batch = int(name.split("x")[0])
+        tile = triton_attention.tile_for(1 if "fp8" in name else 2, batch)
+        engine = [r for r in ok if r["block_n"] == tile and r["splits"] == r["default_splits"] and r["warps"] == 4
+                  and r["stages"] == 3]
         best = max(ok, key=lambda r: r["kv_gb_per_s"])
-        label = lambda r: f"n{r['block_n']} s{r['splits']} w{r['warps']}"  # noqa: E731
+        label = lambda r: f"n{r['block_n']} s{r['splits']} w{r['warps']} p{r['stages']}"  # noqa: E731
         e = engine[0] if engine else None
         print(f"{name:<18} {label(e) if e else '-':>24} {e['kv_gb_per_s'] if e else 0:>7,.0f} {label(best):>24} "
               f"{best['kv_gb_per_s']:>7,.0f}")

@@ -48,6 +48,17 @@ def gaps_ms(times: list[list[float]], start: float = 0.0, end: float = float("in
     return [1e3 * (b - a) for t in times for a, b in zip(t, t[1:]) if start <= b <= end]
 
 
+def worst_gaps(times: list[list[float]], start: float, end: float, count: int = 12) -> list[list[float]]:
+    """The longest gaps in the window, once per step (sessions share steps): [ms, ms since start, sessions]."""
+    by_end: dict[float, list[float]] = {}
+    for t in times:
+        for a, b in zip(t, t[1:]):
+            if start <= b <= end:
+                by_end.setdefault(round(b, 4), []).append(1e3 * (b - a))
+    worst = sorted(by_end.items(), key=lambda kv: -max(kv[1]))[:count]
+    return [[round(max(g), 2), round(1e3 * (b - start), 1), len(g)] for b, g in worst]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -88,9 +99,9 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     for s in sessions:
         client.close(s)
     sessions, pending = start_decoders(client, a, vocab, a.max_new_tokens, 10_000)
-    started = time.perf_counter()
+    started, prompts_s = time.perf_counter(), []
     for i in range(a.arrivals):                # back to back: the next prompt arrives as one finishes
-        prefill_s(client, tokens(a.prompt_len, vocab, 1000 + i))
+        prompts_s.append(prefill_s(client, tokens(a.prompt_len, vocab, 1000 + i)))
     ended = time.perf_counter()
     for s in sessions:
         client.close(s)
@@ -105,7 +116,8 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
                      "decode_tps": len(mixed_gaps) / (ended - started), "window_s": ended - started,
                      "steps_ended_early": any(len(t) >= a.max_new_tokens for t in mixed)},
            "budget": engine.scheduler.budget.status(), "mixed_steps": engine.metrics.counters.get("mixed_steps", 0),
-           "step_beside_decode_ms": summary(list(engine.metrics.latency.get("step_beside_decode", [])))}
+           "step_beside_decode_ms": summary(list(engine.metrics.latency.get("step_beside_decode", []))),
+           "prompts_s": prompts_s, "worst_gaps": worst_gaps(mixed, started, ended)}
     row["tpot_p99_vs_alone"] = row["mixed"]["tpot_p99_ms"] / row["decode_alone"]["tpot_p99_ms"]
     row["prefill_share_of_alone"] = row["mixed"]["prefill_tps"] / row["prefill_alone_tps"]
     print(f"  max_step_ms {max_step_ms} mixed_steps {mixed_steps}: {json.dumps(row)}", flush=True)

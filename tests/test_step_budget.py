@@ -3,6 +3,7 @@ max_step_ms beside the decode (learned from measured step times); with nobody de
 max_num_batched_tokens; prompts always progress; the admission orders still order the chunks."""
 from test_scheduler import pool_of, prefilled, scheduler_of, waiting_session
 
+from djinnd.engine.graphs import token_buckets
 from djinnd.engine.step_budget import StepBudget
 
 
@@ -69,7 +70,7 @@ def attention_step_s(chunks: list[tuple[int, int]]) -> float:
     return DECODE_S + 3 * MS + sum(0.02 * MS * n + 1.257e-9 * n * (p + n / 2) for p, n in chunks)
 
 
-def feed(budget: StepBudget, prompts: list[tuple[int, int]]) -> list[tuple[int, int, float]]:
+def feed(budget: StepBudget, prompts: list[tuple[int, int]], step_s=attention_step_s) -> list[tuple[int, int, float]]:
     """Prompts (first uncached token, end) arriving one after another while sessions decode, after
     a decode step and a 16k prompt on its own, as in bench_mixed.py. Each step feeds what the budget
     allows; its time reaches the budget one step late, as the engine reads the GPU's time of a step
@@ -81,7 +82,7 @@ def feed(budget: StepBudget, prompts: list[tuple[int, int]]) -> list[tuple[int, 
     for p, end in prompts:
         while p < end:
             n = min(end - p, budget.tokens(True, 2048, [(p, end - p)]))
-            steps.append((p, n, attention_step_s([(p, n)])))
+            steps.append((p, n, step_s([(p, n)])))
             if launched:
                 budget.observe_step(*launched)
             launched, p = ([(p, n)], steps[-1][2]), p + n
@@ -132,6 +133,30 @@ def test_two_prompts_in_one_step_share_its_time_by_their_prefixes():
     n = budget.tokens(True, 2048, [(0, 200), (28000, 10000)])      # a short prompt ends, a long one goes on
     seconds = attention_step_s([(0, 200), (28000, n - 200)])
     assert n > 200 and 0.85 * 0.030 <= seconds <= 1.15 * 0.030, (n, seconds)
+
+
+SIZES = token_buckets(2048)
+
+
+def bucket_step_s(chunks: list[tuple[int, int]]) -> float:
+    """A mixed step replayed from a graph: it costs its chunk bucket, padding included."""
+    padded = next(k for k in SIZES if k >= sum(n for _, n in chunks))
+    return attention_step_s([(chunks[0][0], padded)])
+
+
+def test_with_graph_buckets_steps_feed_whole_buckets_and_fill_the_step():
+    """A budget of 439 tokens would pay for 512 and feed 439: with the graphs' buckets the budget
+    feeds the largest bucket that fits, grows bucket by bucket, and stays within the step."""
+    prompts = [(0, 16384), (0, 16384)]
+    steps = feed(StepBudget(max_step_ms=30, sizes=SIZES), prompts, bucket_step_s)
+    assert all(s <= 1.15 * 0.030 for _, _, s in steps), steps
+    ends = {16384}
+    assert all(n in SIZES or p + n in ends for p, n, _ in steps), steps       # only a prompt's last chunk is short
+    fewest = 0
+    for p, end in prompts:
+        while p < end:
+            p, fewest = p + max(k for k in SIZES if bucket_step_s([(p, k)]) <= 0.030 or k == SIZES[0]), fewest + 1
+    assert len(steps) <= 1.15 * fewest, (len(steps), fewest)
 
 
 def scheduler_with_budget(admission: str):

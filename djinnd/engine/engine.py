@@ -55,7 +55,7 @@ class Engine:
         self.scheduler = Scheduler(pool, self.pager, config.engine.max_num_seqs,
                                    config.engine.max_num_batched_tokens, config.engine.admission,
                                    config.engine.admission_max_wait_ms / 1e3, config.server.capacity_wait_s,
-                                   config.engine.max_step_ms)
+                                   config.engine.max_step_ms, self.runner.chunk_sizes())
         mb = 2**20
         self.quota = SegmentQuota(int(config.server.max_segment_mb_per_client * mb),
                                   int(config.server.max_segment_mb_per_uid * mb))

@@ -12,21 +12,12 @@ follows its session's length on the device, as in the decode graphs.
 """
 import torch
 
-from djinnd.engine.graphs import buckets_for
+from djinnd.engine.graphs import buckets_for, token_buckets
 from djinnd.model import triton_prefill
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, write_kv
 from djinnd.session import Session
 
 MAX_SESSIONS = 4      # prompts one replayed step can feed; a step with more runs eagerly
-
-
-def token_buckets(max_tokens: int) -> list[int]:
-    """64, 128, ... doubling below max_tokens, and max_tokens itself."""
-    sizes, n = [], 64
-    while n < max_tokens:
-        sizes.append(n)
-        n *= 2
-    return sizes + [max_tokens]
 
 
 class MixedGraphs:

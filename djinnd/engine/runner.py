@@ -51,6 +51,10 @@ class Runner:
             self.mixed_graphs = MixedGraphs(d, max_tokens, num_sms)
             self.mixed_graphs.capture()
 
+    def chunk_sizes(self) -> list[int] | None:
+        """Prompt tokens per step that the mixed steps' graphs hold (None: mixed steps run eagerly)."""
+        return self.mixed_graphs.token_sizes if self.mixed_graphs else None
+
     # ---- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, chunks: list[tuple[Session, int]], start: int = 0, stop: int | None = None, hidden=None,

@@ -31,7 +31,8 @@ ORDER_KEYS = {                # admission -> what the waiting queue is sorted by
 
 class Scheduler:
     def __init__(self, pool, pager, max_num_seqs: int, max_num_batched_tokens: int, admission: str = "fifo",
-                 max_wait_s: float = 5.0, capacity_wait_s: float = 5.0, max_step_ms: float = 0.0):
+                 max_wait_s: float = 5.0, capacity_wait_s: float = 5.0, max_step_ms: float = 0.0,
+                 chunk_sizes: list[int] | None = None):
         self.pool, self.pager = pool, pager
         self.capacity_wait_s = capacity_wait_s   # room held only by paused sessions: refused after this
         self.order_key = ORDER_KEYS[admission]
@@ -39,7 +40,7 @@ class Scheduler:
         self.max_wait_s = max_wait_s        # a request waiting longer goes in arrival order
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.budget = StepBudget(max_step_ms)          # prompt tokens a step feeds beside decoding rows
+        self.budget = StepBudget(max_step_ms, chunk_sizes)   # prompt tokens a step feeds beside decoding rows
         self.waiting: deque[Session] = deque()
         self.running: list[Session] = []
         self.refused: list[tuple[Session, str]] = []   # drained by the engine

@@ -15,7 +15,11 @@ GROWTH times more when the last step was under budget (no more than would fit if
 proportion to tokens); while their prefixes are alike, pair_s is 0. No chunk goes past GROWTH
 times the largest measured, nor past the last one when that step ran over budget (the fit is
 wrong there, e.g. still fitted to steps from before a change in cost). Each prompt fed in a step
-takes what fits at its own prefix. A step feeds at least min_tokens, so prompts always progress."""
+takes what fits at its own prefix. A step feeds at least min_tokens, so prompts always progress.
+
+With mixed steps replayed from CUDA graphs, a step costs its chunk bucket (`sizes`) whatever it
+feeds: a budget of 439 tokens would pay for 512 and feed 439. There a step feeds the largest bucket
+within its budget, and growing goes to the next bucket rather than GROWTH times the last."""
 import itertools
 import math
 from collections import deque
@@ -31,8 +35,10 @@ RCOND = 1e-3       # terms this close to collinear over the recent steps are not
 
 
 class StepBudget:
-    def __init__(self, max_step_ms: float, min_tokens: int = 32, smoothing: float = 0.3):
+    def __init__(self, max_step_ms: float, sizes: list[int] | None = None, min_tokens: int = 32,
+                 smoothing: float = 0.3):
         self.max_step_s = max_step_ms / 1e3          # 0: no budget, max_tokens every step
+        self.sizes = sizes                          # the mixed graphs' chunk buckets (None: any size)
         self.min_tokens = min_tokens
         self.smoothing = smoothing
         self.decode_s: float | None = None          # seconds of a decode step
@@ -72,9 +78,19 @@ class StepBudget:
         if self.steps:
             last_n, _, last_s = self.steps[-1]
             if self.alike and last_s < self.max_step_s:     # a larger chunk tells base_s from token_s
-                n = max(n, min(GROWTH, self.max_step_s / max(last_s, 1e-9)) * last_n)
-            n = min(n, GROWTH * max(k for k, _, _ in self.steps), last_n if last_s > self.max_step_s else n)
-        return min(max_tokens, max(self.min_tokens, round(n)))
+                n = max(n, min(self._larger(last_n), self.max_step_s / max(last_s, 1e-9) * last_n))
+            n = min(n, self._larger(max(k for k, _, _ in self.steps)), last_n if last_s > self.max_step_s else n)
+        return self._whole_bucket(min(max_tokens, max(self.min_tokens, round(n))), max_tokens)
+
+    def _larger(self, n: int) -> float:
+        """The most a step may try past n measured tokens."""
+        return next((k for k in self.sizes if k > n), GROWTH * n) if self.sizes else GROWTH * n
+
+    def _whole_bucket(self, n: int, max_tokens: int) -> int:
+        """The largest bucket within n (the smallest when n is below it: it costs the same as less)."""
+        if not self.sizes or n >= max_tokens:
+            return n
+        return max([k for k in self.sizes if k <= n], default=self.sizes[0])
 
     def _fill(self, cost: tuple[float, float, float], prompts: list[tuple[int, int]]) -> float:
         """Tokens that fit in the time left after base_s: each prompt in turn takes what fits at its prefix."""

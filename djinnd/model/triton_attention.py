@@ -97,7 +97,7 @@ def num_splits_for(batch: int, num_kv_heads: int, max_context: int, num_sms: int
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_splits: int = 1,
-                           block_n: int = 64, num_warps: int = 4):
+                           block_n: int = 64, num_warps: int = 4, num_stages: int = 3):
     """q [B, H, D]; k_cache/v_cache [blocks, block_size, Hkv, D] of one layer; block_tables [B, max]
     int32; context_lens [B] int32 including the token itself. Returns [B, H, D]."""
     batch, num_heads, head_dim = q.shape
@@ -116,7 +116,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_
         block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5 * LOG2E,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        num_stages=num_stages)
     if num_splits > 1:
         _merge_splits[(batch, num_heads)](part, lse, out, out.stride(0), out.stride(1), num_splits,
                                           SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)

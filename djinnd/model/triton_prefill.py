@@ -110,8 +110,8 @@ def tile_starts(query_lens: list[int], tokens: int) -> tuple[list[int], list[int
 
 
 def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_heads: int, element_size: int,
-         device, num_sms: int) -> PrefillTiles:
-    rows, block_n = tile_shape(element_size)
+         device, num_sms: int, tile: tuple[int, int] | None = None) -> PrefillTiles:
+    rows, block_n = tile or tile_shape(element_size)
     tokens = max(1, rows // group)
     seq, tok = tile_starts(query_lens, tokens)
     splits = num_splits_for(len(seq) * num_kv_heads, max(context_lens), block_n, num_sms)
