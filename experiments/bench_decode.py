@@ -285,26 +285,31 @@ def main():
     p.add_argument("--fp8-kv", action="store_true", help="also the engine with kv_cache_dtype fp8_e4m3 (djinnd_fp8kv)")
     p.add_argument("--peak-tflops", type=float, default=0, help="0: from the device name (dense bf16)")
     p.add_argument("--socket-agents", type=int, default=0, help="also stream this many agent processes via a daemon")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an engine setting for every djinnd run, e.g. max_num_batched_tokens=4096")
     p.add_argument("--out", default="results/bench_decode.json")
     a = p.parse_args()
     batches, contexts, prefill_lens = ints(a.batches), ints(a.context), ints(a.prefill_len)
-    device = "cuda" if a.device == "auto" and torch.cuda.is_available() else a.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     bw = hbm_bandwidth(device)
     rows = {}
-    rows["djinnd"], facts, model = measure_engine(a, batches, contexts, prefill_lens, {})
+    settings = dict(map(setting, a.set))
+    rows["djinnd"], facts, model = measure_engine(a, batches, contexts, prefill_lens, settings)
     facts.update(model_facts(model), device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     free_device_memory()               # the engine's pool and graphs go before HF needs room
     if not a.skip_hf:
         rows["hf_generate"] = measure_hf(model, batches, contexts, prefill_lens, facts, a)
         free_device_memory()
     if a.fp8_kv:
-        rows["djinnd_fp8kv"], fp8, _ = measure_engine(a, batches, contexts, [], {"kv_cache_dtype": "fp8_e4m3"})
+        rows["djinnd_fp8kv"], fp8, _ = measure_engine(a, batches, contexts, [],
+                                                     {**settings, "kv_cache_dtype": "fp8_e4m3"})
         facts["kv_bytes_per_token_fp8kv"] = fp8["kv_bytes_per_token"]
         free_device_memory()
     if not a.skip_eager:
         rows["djinnd_eager"], _, _ = measure_engine(a, batches[:2], contexts[:1], prefill_lens[:1],
                                                     {"cuda_graphs": False, "attention": "torch"})
     report = build_report(a, rows, facts, bw, batches, contexts, prefill_lens, device)
+    report["engine_settings"] = settings
     if a.socket_agents:
         report["socket_agents"] = a.socket_agents
         prompts = random_tokens(a.socket_agents, contexts[0], facts["vocab"])
@@ -313,6 +318,14 @@ def main():
     with open(a.out, "w") as fh:
         json.dump(report, fh, indent=1)
     print_table(report)
+
+
+def setting(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def ints(text: str) -> list[int]:

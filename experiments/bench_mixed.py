@@ -6,8 +6,10 @@ on one in-process engine each, in the same run.
     python experiments/bench_mixed.py --model random:llama-3.1-8b --sessions 32 --context 1024 \
         --prompt-len 32768 --arrivals 3 --max-step-ms 0,15,30,60
 
-TPOT is the gap between consecutive tokens of one session (p50/p99 over all sessions' gaps); with
-prompts arriving, only gaps that end between the first arrival and the last prompt's first token.
+TPOT is the gap between consecutive tokens of one session (p50/p99 over all sessions' gaps), counted
+once every session has its first token (before 2026-12-02 decode alone also counted gaps while its
+batch was still forming, which the window with prompts arriving never did); with prompts
+arriving, only gaps that end between the first arrival and the last prompt's first token.
 Random presets are seeded random weights in real shapes: honest for speed and memory, not text.
 """
 import argparse
@@ -65,17 +67,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def start_decoders(client, a, vocab: int, new_tokens: int, seed: int):
-    """a.sessions sessions fed a.context tokens (untimed), then decoding new_tokens each."""
+    """a.sessions sessions fed a.context tokens (untimed), then decoding new_tokens each; and when the
+    last of them had its first token (decode is steady from there)."""
     sessions = [client.open() for _ in range(a.sessions)]
     for e in [client.submit(s, tokens(a.context - 1, vocab, seed + i), 1) for i, s in enumerate(sessions)]:
         client.done(e)
-    pending = [client.submit(s, [5], new_tokens) for s in sessions]
-    for e in pending:                         # every session has its first token: decode is steady
+    pending, ready = [client.submit(s, [5], new_tokens) for s in sessions], 0.0
+    for e in pending:
         first = e.get(timeout=600)
         if not isinstance(first[1], cmd.Token):
             raise RuntimeError(f"a decoding session failed: {first[1]}")
         e.put(first)
-    return sessions, pending
+        ready = max(ready, first[0])
+    return sessions, pending, ready
 
 
 def prefill_s(client, prompt) -> float:
@@ -94,11 +98,11 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     client, vocab = LocalClient(engine), engine.loaded.model.args.vocab_size
     prefill_s(client, tokens(min(a.prompt_len, 4096), vocab, 1))                     # warm-up
     alone_s = prefill_s(client, tokens(a.prompt_len, vocab, 2))
-    sessions, pending = start_decoders(client, a, vocab, a.decode_tokens, 100)    # decode alone
+    sessions, pending, alone_ready = start_decoders(client, a, vocab, a.decode_tokens, 100)    # decode alone
     alone = [client.done(e)[1] for e in pending]
     for s in sessions:
         client.close(s)
-    sessions, pending = start_decoders(client, a, vocab, a.max_new_tokens, 10_000)
+    sessions, pending, _ = start_decoders(client, a, vocab, a.max_new_tokens, 10_000)
     started, prompts_s = time.perf_counter(), []
     for i in range(a.arrivals):                # back to back: the next prompt arrives as one finishes
         prompts_s.append(prefill_s(client, tokens(a.prompt_len, vocab, 1000 + i)))
@@ -108,7 +112,7 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     mixed = [token_times(e) for e in pending]
     engine.stop()
     engine.join()
-    alone_gaps, mixed_gaps = gaps_ms(alone), gaps_ms(mixed, started, ended)
+    alone_gaps, mixed_gaps = gaps_ms(alone, alone_ready), gaps_ms(mixed, started, ended)   # both: steady decode
     row = {"decode_alone": {"tpot_p50_ms": percentile(alone_gaps, 0.5), "tpot_p99_ms": percentile(alone_gaps, 0.99)},
            "prefill_alone_tps": a.prompt_len / alone_s,
            "mixed": {"tpot_p50_ms": percentile(mixed_gaps, 0.5), "tpot_p99_ms": percentile(mixed_gaps, 0.99),
@@ -117,7 +121,8 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
                      "steps_ended_early": any(len(t) >= a.max_new_tokens for t in mixed)},
            "budget": engine.scheduler.budget.status(), "mixed_steps": engine.metrics.counters.get("mixed_steps", 0),
            "step_beside_decode_ms": summary(list(engine.metrics.latency.get("step_beside_decode", []))),
-           "prompts_s": prompts_s, "worst_gaps": worst_gaps(mixed, started, ended)}
+           "prompts_s": prompts_s, "worst_gaps": worst_gaps(mixed, started, ended),
+           "worst_gaps_alone": worst_gaps(alone, alone_ready, float("inf"))}
     row["tpot_p99_vs_alone"] = row["mixed"]["tpot_p99_ms"] / row["decode_alone"]["tpot_p99_ms"]
     row["prefill_share_of_alone"] = row["mixed"]["prefill_tps"] / row["prefill_alone_tps"]
     print(f"  max_step_ms {max_step_ms} mixed_steps {mixed_steps}: {json.dumps(row)}", flush=True)

@@ -60,6 +60,8 @@ def test_plan_splits_short_chunks_over_long_prefixes_only():
     from djinnd.model.triton_prefill import plan
     short = plan([32], [16384 + 32], 4, 8, 2, "cpu", num_sms=132)      # 1 tile x 8 heads: split the keys
     assert short.num_splits == 33 and short.tokens == 32
+    one_round = plan([256], [16384 + 256], 4, 8, 2, "cpu", num_sms=132)   # 8 tiles x 8 heads x 4: 256 of 264
+    assert one_round.num_splits == 4
     long = plan([2048], [32768], 4, 8, 2, "cpu", num_sms=132)         # 64 tiles x 8 heads fill the GPU
     assert long.num_splits == 1
     assert plan([32], [64], 4, 8, 2, "cpu", num_sms=132).num_splits == 1   # too few keys to split
