@@ -61,6 +61,37 @@ def worst_gaps(times: list[list[float]], start: float, end: float, count: int = 
     return [[round(max(g), 2), round(1e3 * (b - start), 1), len(g)] for b, g in worst]
 
 
+def trace_steps(engine) -> list[tuple]:
+    """Every engine step's host time, with what it ran: (start, ms, decode rows, [(prefix, tokens)]).
+    The host waits in a step for the tokens of the one before, so a long step is a long step on the
+    GPU, or host work in it."""
+    steps, schedule, step = [], engine.scheduler.schedule, engine.step
+    plan = [None]
+
+    def scheduled():
+        plan[0] = schedule()
+        return plan[0]
+
+    def timed():
+        plan[0], started = None, time.perf_counter()
+        step()
+        p = plan[0]
+        steps.append((started, 1e3 * (time.perf_counter() - started), len(p.decode) if p else 0,
+                      [(s.num_cached - n, n) for s, n in p.prefill] if p else []))
+    engine.scheduler.schedule, engine.step = scheduled, timed
+    return steps
+
+
+def slowest_steps(steps: list[tuple], start: float, end: float, count: int = 12) -> list[list]:
+    """[ms since start, ms, decode rows, chunks] of the longest steps in the window, and of the steps
+    on either side of them."""
+    inside = [i for i, s in enumerate(steps) if start <= s[0] <= end]
+    worst = sorted(inside, key=lambda i: -steps[i][1])[:count]
+    near = sorted({j for i in worst for j in (i - 1, i, i + 1) if 0 <= j < len(steps)})
+    return [[round(1e3 * (steps[j][0] - start), 1), round(steps[j][1], 2), steps[j][2], steps[j][3],
+             "slow" if j in worst else ""] for j in near]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -94,6 +125,7 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     engine = build_engine(load_config(None, {"model": a.model, "device": a.device, "kv_cache_mb": a.kv_cache_mb,
                                              "max_num_seqs": a.sessions + 1, "max_step_ms": max_step_ms,
                                              "mixed_steps": mixed_steps}))
+    steps = trace_steps(engine)
     engine.start()
     client, vocab = LocalClient(engine), engine.loaded.model.args.vocab_size
     prefill_s(client, tokens(min(a.prompt_len, 4096), vocab, 1))                     # warm-up
@@ -122,7 +154,9 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
            "budget": engine.scheduler.budget.status(), "mixed_steps": engine.metrics.counters.get("mixed_steps", 0),
            "step_beside_decode_ms": summary(list(engine.metrics.latency.get("step_beside_decode", []))),
            "prompts_s": prompts_s, "worst_gaps": worst_gaps(mixed, started, ended),
-           "worst_gaps_alone": worst_gaps(alone, alone_ready, float("inf"))}
+           "worst_gaps_alone": worst_gaps(alone, alone_ready, float("inf")),
+           "slowest_steps": slowest_steps(steps, started, ended),
+           "slowest_steps_alone": slowest_steps(steps, alone_ready, max(t[-1] for t in alone))}
     row["tpot_p99_vs_alone"] = row["mixed"]["tpot_p99_ms"] / row["decode_alone"]["tpot_p99_ms"]
     row["prefill_share_of_alone"] = row["mixed"]["prefill_tps"] / row["prefill_alone_tps"]
     print(f"  max_step_ms {max_step_ms} mixed_steps {mixed_steps}: {json.dumps(row)}", flush=True)
