@@ -61,11 +61,14 @@ class DecodeBatch:
             return
         rows = list(range(self.num_rows, self.num_rows + len(new)))
         device = self.input_ids.device
-        width = self.block_tables.shape[1]
+        # Only as wide as the longest table: padding rows hold the scratch block already. A full-width
+        # list (8,192 blocks at 128k tokens) for 32 rows took 34 ms to build on the 2-core CI machine;
+        # on the H200 host the decode step 32 sessions joined took 27 ms against 6.5 (call L).
+        width = max(len(s.block_table) for s in new)
         tables = torch.tensor([s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in new],
                               dtype=torch.int32)
         index = torch.tensor(rows, device=device)
-        self.block_tables[index] = tables.to(device)
+        self.block_tables[rows[0]:rows[-1] + 1, :width] = tables.to(device)
         self.input_ids[index] = torch.tensor([s.tokens[-1] for s in new]).to(device)
         self.positions[index] = torch.tensor([len(s.tokens) - 1 for s in new]).to(device)
         self.is_live[index] = 1

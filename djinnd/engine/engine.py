@@ -373,18 +373,18 @@ class Engine:
                 self.metrics.observe_ms("queue_wait", (time.monotonic() - s.request.queued_at) * 1e3)
         self.pager.before_forward(sessions)
         try:
-            results = list(run())
+            for s, token in run():    # as they come: a mixed step hands out the step before it first
+                if token is not None and s.request is not None:   # a request may end on an earlier token here
+                    self._append(s, token)
         except Exception as e:
             log.exception("%s forward failed", kind)
             for s in sessions:
-                self._abort(s, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
+                if s.request is not None:
+                    self._abort(s, cmd.Failed(ErrorCode.INTERNAL, f"forward failed: {e}"))
             return
         self.metrics.inc(f"{kind}_s", time.perf_counter() - started)
         self.metrics.inc(f"{kind}_steps")
         self.metrics.inc("prompt_tokens" if kind == "prefill" else "decode_tokens", num_tokens)
-        for s, token in results:
-            if token is not None and s.request is not None:   # a request may end on an earlier token here
-                self._append(s, token)
 
     def _after_forward(self, s: Session, token: int | None):
         if token == STOPPED:     # stop_at_layer: no token; the history is left as it was (no KV past the layer)

@@ -23,10 +23,28 @@ def can_mix(runner, decode: list[Session], chunks: list[tuple[Session, int]]) ->
             and interventions.mode(decode) == "plain" and interventions.prefill_hook(chunks) is None)
 
 
-@torch.inference_mode()
-def run_mixed(runner, decode: list[Session], chunks: list[tuple[Session, int]], pipelined: bool) -> list:
-    """Launch one mixed step. Returns (session, token) pairs: the decode step launched before it (if
-    any), each chunk that ends its prompt, and, unless pipelined, this step's decode rows."""
+def run_mixed(runner, decode: list[Session], chunks: list[tuple[Session, int]], pipelined: bool):
+    """Launch one mixed step. Yields (session, token) pairs: the decode step launched before it (if
+    any), each chunk that ends its prompt, and, unless pipelined, this step's decode rows. The step
+    before goes out before the host waits for this one's prompt ends: handed out together, the
+    decoding sessions waited two steps for a token whenever a prompt ended (H200, call L: 42-48 ms
+    in 22 ms steps)."""
+    with torch.inference_mode():
+        launched, first = _launch(runner, decode, chunks)
+    previous, runner.in_flight = runner.in_flight, launched
+    if previous:
+        yield from runner._collect(previous)
+    if first:
+        sessions, ids = first
+        yield from zip(sessions, ids.tolist())
+    if not pipelined:
+        runner.in_flight = None
+        yield from runner._collect(launched)
+
+
+def _launch(runner, decode: list[Session], chunks: list[tuple[Session, int]]):
+    """The step on the device: its decode rows' sampling launched, and the first tokens of the
+    prompts it ends sampled on the device ((sessions, ids), or None)."""
     for s in decode:
         runner.seed(s)
     runner.batch.sync(decode, runner.seeds)
@@ -40,19 +58,15 @@ def run_mixed(runner, decode: list[Session], chunks: list[tuple[Session, int]], 
     b.positions[:n] += b.is_live[:n]               # as the decode graph does after its forward
     launched = runner.sample_rows(rows, runner.model.logits(h[:n]))
     ends = [i for i, (s, c) in enumerate(chunks) if c == s.num_new_tokens]
-    first = []
+    first = None
     if ends:
         offsets = list(itertools.accumulate(c for _, c in chunks))
         last = torch.tensor([chunk_row + offsets[i] - 1 for i in ends], device=h.device)
-        first = list(zip([chunks[i][0] for i in ends], runner._sample([chunks[i][0] for i in ends], h[last])))
+        sessions = [chunks[i][0] for i in ends]
+        first = sessions, runner.sample_ids(sessions, h[last])
     for s, c in chunks:
         s.num_cached += c
-    previous, runner.in_flight = runner.in_flight, launched
-    out = (runner._collect(previous) if previous else []) + first
-    if not pipelined:
-        out += runner._collect(launched)
-        runner.in_flight = None
-    return out
+    return launched, first
 
 
 def _forward(runner, n: int, rows: list[Session], chunks):

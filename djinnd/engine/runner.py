@@ -105,13 +105,17 @@ class Runner:
         return self.model.logits(h)
 
     def _sample(self, sessions: list[Session], h) -> list[int]:
+        return self.sample_ids(sessions, h).tolist()
+
+    def sample_ids(self, sessions: list[Session], h) -> torch.Tensor:
+        """Each session's next id from its hidden state, on the device (nothing waits for it)."""
         params = [s.request.params for s in sessions]
         to = dict(device=self.device)
         return sample(self.logits(h), torch.tensor([p.temperature for p in params], **to),
                       torch.tensor([p.top_p for p in params], **to),
                       torch.tensor([self.seed(s) for s in sessions], dtype=torch.int64, **to),
                       torch.tensor([len(s.tokens) for s in sessions], **to),
-                      any(p.temperature > 0 for p in params), any(p.top_p < 1 for p in params)).tolist()
+                      any(p.temperature > 0 for p in params), any(p.top_p < 1 for p in params))
 
     # ---- decode ----------------------------------------------------------------------------
     @torch.inference_mode()
