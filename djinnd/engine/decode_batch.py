@@ -14,6 +14,7 @@ layer's output for the host to pick its rows from after the step.
 import torch
 
 from djinnd.engine.sampler import SamplingRows
+from djinnd.engine.to_device import to_device
 from djinnd.session import Session
 
 
@@ -65,13 +66,12 @@ class DecodeBatch:
         # list (8,192 blocks at 128k tokens) for 32 rows took 34 ms to build on the 2-core CI machine;
         # on the H200 host the decode step 32 sessions joined took 27 ms against 6.5 (call L).
         width = max(len(s.block_table) for s in new)
-        tables = torch.tensor([s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in new],
-                              dtype=torch.int32)
-        index = torch.tensor(rows, device=device)
-        self.block_tables[rows[0]:rows[-1] + 1, :width] = tables.to(device)
-        self.input_ids[index] = torch.tensor([s.tokens[-1] for s in new]).to(device)
-        self.positions[index] = torch.tensor([len(s.tokens) - 1 for s in new]).to(device)
-        self.is_live[index] = 1
+        joining = slice(rows[0], rows[-1] + 1)
+        self.block_tables[joining, :width] = to_device(
+            [s.block_table + [self.scratch_block] * (width - len(s.block_table)) for s in new], device, torch.int32)
+        self.input_ids[joining] = to_device([s.tokens[-1] for s in new], device)
+        self.positions[joining] = to_device([len(s.tokens) - 1 for s in new], device)
+        self.is_live[joining] = 1
         self.sampling.set_rows(rows, [s.request.params for s in new], [seeds[s.id] for s in new])
         self.sessions.extend(new)
         for row, s in zip(rows, new):

@@ -12,6 +12,7 @@ from djinnd.engine.decode_batch import DecodeBatch
 from djinnd.engine.graphs import DecodeGraphs
 from djinnd.engine.interventions import Interventions
 from djinnd.engine.sampler import sample
+from djinnd.engine.to_device import to_device
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, prefill_attention
 from djinnd.session import Session, SessionState
 
@@ -109,12 +110,11 @@ class Runner:
 
     def sample_ids(self, sessions: list[Session], h) -> torch.Tensor:
         """Each session's next id from its hidden state, on the device (nothing waits for it)."""
-        params = [s.request.params for s in sessions]
-        to = dict(device=self.device)
-        return sample(self.logits(h), torch.tensor([p.temperature for p in params], **to),
-                      torch.tensor([p.top_p for p in params], **to),
-                      torch.tensor([self.seed(s) for s in sessions], dtype=torch.int64, **to),
-                      torch.tensor([len(s.tokens) for s in sessions], **to),
+        params, device = [s.request.params for s in sessions], self.device
+        return sample(self.logits(h), to_device([p.temperature for p in params], device),
+                      to_device([p.top_p for p in params], device),
+                      to_device([self.seed(s) for s in sessions], device, torch.int64),
+                      to_device([len(s.tokens) for s in sessions], device),
                       any(p.temperature > 0 for p in params), any(p.top_p < 1 for p in params))
 
     # ---- decode ----------------------------------------------------------------------------

@@ -7,6 +7,8 @@ draws exactly from softmax(logits / temperature) restricted to the nucleus.
 """
 import torch
 
+from djinnd.engine.to_device import to_device
+
 
 
 def _int64(c: int) -> torch.Tensor:
@@ -65,10 +67,11 @@ class SamplingRows:
     def set_rows(self, rows: list[int], params: list, seeds: list[int]):
         if not rows:
             return
-        index = torch.tensor(rows, device=self.temperature.device)
-        self.temperature[index] = torch.tensor([p.temperature for p in params]).to(index.device)
-        self.top_p[index] = torch.tensor([p.top_p for p in params]).to(index.device)
-        self.seed[index] = torch.tensor(seeds, dtype=torch.int64).to(index.device)
+        device = self.temperature.device
+        index = to_device(rows, device)
+        self.temperature[index] = to_device([p.temperature for p in params], device)
+        self.top_p[index] = to_device([p.top_p for p in params], device)
+        self.seed[index] = to_device(seeds, device, torch.int64)
         for r, p in zip(rows, params):
             self.is_random[r], self.has_top_p[r] = p.temperature > 0, p.temperature > 0 and p.top_p < 1
 
