@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from djinnd.config import load_config  # noqa: E402
-from djinnd.daemon import build_engine  # noqa: E402
+from djinnd.daemon import build_engine, freeze_startup_heap  # noqa: E402
 from djinnd.engine import commands as cmd  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
 from djinnd.metrics import summary  # noqa: E402
@@ -92,6 +92,24 @@ def slowest_steps(steps: list[tuple], start: float, end: float, count: int = 12)
              "slow" if j in worst else ""] for j in near]
 
 
+def watch_gc() -> list[tuple[float, int, float]]:
+    """Every garbage collection from now on: (start, generation, ms)."""
+    seen, started = [], [0.0]
+
+    def callback(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            seen.append((started[0], info["generation"], 1e3 * (time.perf_counter() - started[0])))
+    gc.callbacks.append(callback)
+    return seen
+
+
+def full_collections(seen: list[tuple], start: float, end: float) -> list[list[float]]:
+    """[ms since start, ms] of each collection of the oldest generation in the window."""
+    return [[round(1e3 * (t - start), 1), round(ms, 2)] for t, g, ms in seen if g == 2 and start <= t <= end]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -125,7 +143,9 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     engine = build_engine(load_config(None, {"model": a.model, "device": a.device, "kv_cache_mb": a.kv_cache_mb,
                                              "max_num_seqs": a.sessions + 1, "max_step_ms": max_step_ms,
                                              "mixed_steps": mixed_steps}))
-    steps = trace_steps(engine)
+    steps, collections = trace_steps(engine), watch_gc()
+    if a.gc == "freeze":
+        freeze_startup_heap()          # as the daemon does before it serves
     engine.start()
     client, vocab = LocalClient(engine), engine.loaded.model.args.vocab_size
     prefill_s(client, tokens(min(a.prompt_len, 4096), vocab, 1))                     # warm-up
@@ -144,6 +164,8 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     mixed = [token_times(e) for e in pending]
     engine.stop()
     engine.join()
+    gc.callbacks.clear()
+    gc.unfreeze()                      # the next engine's start freezes its own heap; this one may go
     alone_gaps, mixed_gaps = gaps_ms(alone, alone_ready), gaps_ms(mixed, started, ended)   # both: steady decode
     row = {"decode_alone": {"tpot_p50_ms": percentile(alone_gaps, 0.5), "tpot_p99_ms": percentile(alone_gaps, 0.99)},
            "prefill_alone_tps": a.prompt_len / alone_s,
@@ -155,7 +177,8 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
            "step_beside_decode_ms": summary(list(engine.metrics.latency.get("step_beside_decode", []))),
            "prompts_s": prompts_s, "worst_gaps": worst_gaps(mixed, started, ended),
            "worst_gaps_alone": worst_gaps(alone, alone_ready, float("inf")),
-           "slowest_steps": slowest_steps(steps, started, ended),
+           "slowest_steps": slowest_steps(steps, started, ended), "gc": a.gc,
+           "full_collections": full_collections(collections, started, ended),
            "slowest_steps_alone": slowest_steps(steps, alone_ready, max(t[-1] for t in alone))}
     row["tpot_p99_vs_alone"] = row["mixed"]["tpot_p99_ms"] / row["decode_alone"]["tpot_p99_ms"]
     row["prefill_share_of_alone"] = row["mixed"]["prefill_tps"] / row["prefill_alone_tps"]
@@ -176,6 +199,8 @@ def main():
     p.add_argument("--arrivals", type=int, default=3)
     p.add_argument("--max-step-ms", default="0,15,30,60", help="step-time budgets to compare (0: off)")
     p.add_argument("--mixed-steps", default="0,1", help="one forward per mixed step: off (0), on (1), or both")
+    p.add_argument("--gc", choices=["freeze", "default"], default="freeze",
+                   help="freeze the start-up heap as the daemon does, or leave Python's collector as it is")
     p.add_argument("--out", default="results/bench_mixed.json")
     a = p.parse_args()
     budgets = [float(x) for x in a.max_step_ms.split(",")]
@@ -189,7 +214,7 @@ def main():
                 torch.cuda.empty_cache()
     report = {**stamp(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "torch": torch.__version__, "model": a.model, "sessions": a.sessions, "context": a.context,
-              "prompt_len": a.prompt_len, "arrivals": a.arrivals, "runs": runs}
+              "prompt_len": a.prompt_len, "arrivals": a.arrivals, "gc": a.gc, "runs": runs}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(report, fh, indent=1)
