@@ -20,7 +20,7 @@ def buckets_for(max_rows: int) -> list[int]:
 def token_buckets(max_tokens: int) -> list[int]:
     """Prompt tokens of the mixed steps' graphs: 64, 96, 128, 192, ... (powers of two and 1.5 times
     them) below max_tokens, and max_tokens itself. A chunk pays for its bucket, so the step budget
-    feeds whole buckets (Scheduler.chunk_sizes); steps 1.5x apart lose at most a third of a step."""
+    feeds whole buckets (StepBudget.sizes); buckets 1.5x apart lose at most a third of a step."""
     sizes, n = [], 64
     while n < max_tokens:
         sizes += [x for x in (n, n * 3 // 2) if x < max_tokens]

@@ -10,7 +10,6 @@ import torch
 from djinnd.engine.to_device import to_device
 
 
-
 def _int64(c: int) -> torch.Tensor:
     """A 64-bit constant as a signed int64 scalar tensor (torch has no uint64 arithmetic everywhere;
     a CPU scalar tensor joins CUDA ops as a kernel argument, with no copy)."""
