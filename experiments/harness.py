@@ -33,8 +33,11 @@ def stop_daemon(proc: subprocess.Popen):
 
 
 def stamp() -> dict:
-    """What every result JSON records: date, commit, torch, and the GPU (None without CUDA)."""
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    """What every result JSON records: date, commit, torch, and the GPU (None without CUDA).
+    DJINN_COMMIT names the commit where git cannot: a copy of the tree without its .git (as the
+    lent GPU runs) reports whatever checkout lies above it."""
+    sha = os.environ.get("DJINN_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                           capture_output=True, text=True, cwd=ROOT).stdout
     gpu = device_info()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git": sha.strip(), "host_cpus": os.cpu_count(), "torch": importlib.metadata.version("torch"),
