@@ -1,4 +1,6 @@
 """Shared fixtures: a real djinnd process on a private socket, and HF transformers as the reference."""
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +78,30 @@ def hf_greedy(hf, prompt_ids: list[int], max_new_tokens: int, ignore_eos=True) -
 def random_prompts(vocab: int, lengths, seed=0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def decode_while_prompts_arrive(client, short: list[list[int]], late: list[list[int]], params) -> list[list[int]]:
+    """Sessions decode the `short` prompts; once decoding has started, the `late` ones arrive (fed in
+    chunks beside the decoding rows). Every request's tokens, in that order."""
+    pending = [client.submit(client.open(), p, params=params) for p in short]
+    pending[0].put(pending[0].get(timeout=300))                 # decoding has started
+    pending += [client.submit(client.open(), p, params=params) for p in late]
+    return [client.done(e)[0].tokens for e in pending]
+
+
+def require_triton_interpreter(compiled_elsewhere: str):
+    """Skip the calling test module where Triton is missing, and on CUDA machines, where the compiled
+    kernels are tested instead (`compiled_elsewhere` says where)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed", allow_module_level=True)
+    if torch.cuda.is_available():
+        pytest.skip(compiled_elsewhere, allow_module_level=True)
+
+
+def run_interpreted(code: str, *args: str, timeout: int = 300):
+    """Run `code` in a child process under Triton's interpreter (chosen when Triton is imported, so
+    not in this one); what it printed last, read as JSON."""
+    done = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])

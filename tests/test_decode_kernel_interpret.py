@@ -3,19 +3,11 @@ reference on ragged random block tables (fp32; GQA groups 1, 4, 8; one slice, a 
 slices than a short context has tiles). Skipped where Triton is not installed, and on CUDA machines
 (tests/test_gpu_kernels.py runs the compiled kernel there). The interpreter is chosen when Triton is
 imported, so the kernels run in a child process of their own."""
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
-import pytest
-import torch
+from conftest import require_triton_interpreter, run_interpreted
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("the compiled kernel is tested in test_gpu_kernels.py", allow_module_level=True)
+require_triton_interpreter("the compiled kernel is tested in test_gpu_kernels.py")
 
 CASES = [(4, 4, 1, 64), (4, 4, 5, 64), (8, 2, 3, 64), (16, 2, 8, 64), (8, 2, 3, 128)]  # heads, KV heads, slices, tile
 CHILD = """
@@ -40,11 +32,7 @@ print(json.dumps(errors))
 
 
 def test_split_kernel_equals_the_torch_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.splitlines()[-1])
+    errors = run_interpreted(CHILD, json.dumps(CASES))
     assert all(e < 1e-5 for e in errors), dict(zip(map(str, CASES), errors))
 
 

@@ -4,24 +4,14 @@ replay it (CUDA graphs cannot exist here; tests/test_gpu_mixed_graphs.py replays
 sessions decode while prompts of 200 and 90 tokens arrive in chunks of up to 128 tokens: the
 tokens equal those of eager mixed steps with the same kernels, and every mixed step went through
 the static buffers (padded decode rows and chunk tokens, padding tiles on the empty session)."""
-import importlib.util
-import json
-import os
-import subprocess
-import sys
+from conftest import require_triton_interpreter, run_interpreted
 
-import pytest
-import torch
-
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("tests/test_gpu_mixed_graphs.py replays the real graphs", allow_module_level=True)
+require_triton_interpreter("tests/test_gpu_mixed_graphs.py replays the real graphs")
 
 CHILD = """
 import json, sys
 sys.path.insert(0, "tests")
-from conftest import random_prompts
+from conftest import decode_while_prompts_arrive, random_prompts
 from djinnd.config import load_config
 from djinnd.daemon import build_engine
 from djinnd.engine.local import LocalClient
@@ -59,11 +49,8 @@ def run(static: bool):
     engine.start()
     client = LocalClient(engine)
     params = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    short, late = random_prompts(512, [5, 7], seed=3), random_prompts(512, [200, 90], seed=4)
-    pending = [client.submit(client.open(), p, params=params) for p in short]
-    pending[0].put(pending[0].get(timeout=300))                 # decoding has started
-    pending += [client.submit(client.open(), p, params=params) for p in late]
-    outs = [client.done(e)[0].tokens for e in pending]
+    outs = decode_while_prompts_arrive(client, random_prompts(512, [5, 7], seed=3),
+                                       random_prompts(512, [200, 90], seed=4), params)
     engine.stop()
     engine.join()
     return outs, runner.mixed_graphs.replays if static else 0, engine.metrics.counters.get("mixed_steps", 0)
@@ -74,9 +61,6 @@ print(json.dumps([run(False), run(True)]))
 
 
 def test_static_mixed_forward_gives_the_tokens_of_eager_mixed_steps():
-    done = subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (eager, _, eager_mixed), (static, replays, static_mixed) = json.loads(done.stdout.splitlines()[-1])
+    (eager, _, eager_mixed), (static, replays, static_mixed) = run_interpreted(CHILD, timeout=600)
     assert eager_mixed > 0 and replays == static_mixed > 0
     assert static == eager

@@ -2,7 +2,7 @@
 and gives the tokens of the two-forward path (fp32, torch path on CPU), greedy and seeded sampling."""
 import pytest
 
-from conftest import random_prompts
+from conftest import decode_while_prompts_arrive, random_prompts
 from djinnd.config import load_config
 from djinnd.daemon import build_engine
 from djinnd.engine.local import LocalClient
@@ -15,11 +15,8 @@ def run(overrides: dict, params: SamplingParams):
                                              "kv_cache_mb": 16.0, "max_num_batched_tokens": 64, **overrides}))
     engine.start()
     client = LocalClient(engine)
-    short, late = random_prompts(512, [5, 9, 7], seed=3), random_prompts(512, [300, 90], seed=4)
-    pending = [client.submit(client.open(), p, params=params) for p in short]
-    pending[0].put(pending[0].get(timeout=60))                 # decoding has started
-    pending += [client.submit(client.open(), p, params=params) for p in late]
-    outs = [client.done(e)[0].tokens for e in pending]
+    outs = decode_while_prompts_arrive(client, random_prompts(512, [5, 9, 7], seed=3),
+                                       random_prompts(512, [300, 90], seed=4), params)
     engine.stop()
     engine.join()
     return outs, engine.metrics.counters.get("mixed_steps", 0)

@@ -3,19 +3,11 @@
 chunks beside chunks after a prefix, one-token chunks, GQA groups 1, 4 and 7 (more rows than a group
 fills), one key slice and several. Skipped where Triton is not installed, and on CUDA machines
 (tests/test_gpu_kernels.py runs the compiled kernel there)."""
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 
-import pytest
-import torch
+from conftest import require_triton_interpreter, run_interpreted
 
-if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed", allow_module_level=True)
-if torch.cuda.is_available():
-    pytest.skip("the compiled kernel is tested in test_gpu_kernels.py", allow_module_level=True)
+require_triton_interpreter("the compiled kernel is tested in test_gpu_kernels.py")
 
 CASES = [(4, 4, None), (8, 2, 2), (7, 1, 5)]        # heads, KV heads, slices (None: planned)
 CHILD = """
@@ -48,11 +40,7 @@ print(json.dumps(errors))
 
 
 def test_prefill_kernel_equals_the_torch_path():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.splitlines()[-1])
+    results = run_interpreted(CHILD, json.dumps(CASES))
     assert all(e < 1e-5 for _, e in results), dict(zip(map(str, CASES), results))
 
 
