@@ -29,8 +29,10 @@ def test_an_fp8_cache_is_written_saturated_and_read_within_fp8_precision():
     table, outs = [3, 0, 6, 1], {}
     for dt, (kc, vc) in caches.items():
         first = build_prefill_metadata([10], [10], [table], 4, "cpu")
-        prefill_attention(q[:10], k[:10], v[:10], kc, vc, first)
-        chunk = prefill_attention(q[10:], k[10:], v[10:], kc, vc, build_prefill_metadata([4], [14], [table], 4, "cpu"))
+        second = build_prefill_metadata([4], [14], [table], 4, "cpu")
+        write_kv(k[:10], v[:10], kc, vc, first.slot_mapping)
+        write_kv(k[10:], v[10:], kc, vc, second.slot_mapping)
+        chunk = prefill_attention(q[10:], k[10:], v[10:], kc, vc, second)
         decode = decode_attention_torch(q[13:], kc, vc, torch.tensor([table]), torch.tensor([14]), 4)
         outs[dt] = torch.cat([chunk, decode])
     assert caches[torch.float8_e4m3fn][0][3, 0, 0, 0].float() == 448.0

@@ -113,7 +113,7 @@ def test_a_graph_of_the_split_kernel_replays_for_other_contexts_and_tables():
 @pytest.mark.parametrize("prefix,chunk", [(0, 700), (16384, 512), (24000, 1024)])
 def test_prefill_chunk_over_a_long_paged_prefix_equals_the_reference(prefix, chunk):
     """bf16, GQA group 4: the chunk attends to its prefix through the block table, bottom-right causal."""
-    from djinnd.model.attention import build_prefill_metadata, prefill_attention
+    from djinnd.model.attention import build_prefill_metadata, prefill_attention, write_kv
     from torch.nn.attention.bias import causal_lower_right
     g = torch.Generator(device="cuda").manual_seed(3)
     block_size, kv_heads, heads, head_dim, ctx = 16, 8, 32, 128, prefix + chunk
@@ -125,6 +125,7 @@ def test_prefill_chunk_over_a_long_paged_prefix_equals_the_reference(prefix, chu
     q = torch.randn(chunk, heads, head_dim, device="cuda", generator=g).bfloat16()
     k = torch.randn(chunk, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
     v = torch.randn(chunk, kv_heads, head_dim, device="cuda", generator=g).bfloat16()
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = prefill_attention(q, k, v, k_cache, v_cache, meta)
     keys = k_cache[table].flatten(0, 1)[:ctx].double().repeat_interleave(4, 1).transpose(0, 1)[None]
     values = v_cache[table].flatten(0, 1)[:ctx].double().repeat_interleave(4, 1).transpose(0, 1)[None]
@@ -139,7 +140,7 @@ def test_paged_prefill_kernel_equals_the_reference_on_ragged_chunks(dtype, heads
     """One launch for a ragged batch of chunks (fresh, after a 64k prefix, one token, short) over random
     block tables, GQA groups 1, 4, 7 and 8, against float64 SDPA on the gathered context."""
     from djinnd.engine.kernels import prefill_attention_kernel
-    from djinnd.model.attention import build_prefill_metadata, prefill_attention
+    from djinnd.model.attention import build_prefill_metadata, prefill_attention, write_kv
     from torch.nn.attention.bias import causal_lower_right
     g = torch.Generator(device="cuda").manual_seed(heads)
     prefixes, chunks, block_size, head_dim = [0, 65536, 300, 17], [300, 700, 1, 64], 16, 128
@@ -155,6 +156,7 @@ def test_paged_prefill_kernel_equals_the_reference_on_ragged_chunks(dtype, heads
     q = torch.randn(sum(chunks), heads, head_dim, device="cuda", generator=g).to(dtype)
     k = torch.randn(sum(chunks), kv_heads, head_dim, device="cuda", generator=g).to(dtype)
     v = torch.randn(sum(chunks), kv_heads, head_dim, device="cuda", generator=g).to(dtype)
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = prefill_attention(q, k, v, k_cache, v_cache, meta, prefill_attention_kernel("cuda", head_dim, "auto"))
     assert meta.tiles is not None                    # the kernel ran, not the per-session path
     group, start = heads // kv_heads, 0
@@ -192,6 +194,36 @@ def test_decode_after_long_prompts_gives_the_torch_paths_tokens():
     assert fast.runner.decoder.graphs, "no CUDA graphs were captured"
     _, out_eager = engine_tokens({"cuda_graphs": False, "attention": "torch"}, prompts, 16)
     assert out_fast == out_eager
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_rope_and_kv_write_kernel_equals_the_torch_path(cache_dtype):
+    """bf16 q/k/v views of one projection: q and k rotated in place as apply_rope rotates them (fp32,
+    within one bf16 rounding), and the cache holds exactly what write_kv stores of that k and v (an
+    fp8 cache saturated to 448)."""
+    from djinnd.model.attention import write_kv
+    from djinnd.model.rope import apply_rope, rope_tables
+    from djinnd.model.triton_fused import rope_write_kv
+    g = torch.Generator(device="cuda").manual_seed(5)
+    tokens, heads, kv_heads, dim = 37, 32, 8, 128
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim, device="cuda", generator=g) * 100).bfloat16()
+    slots = torch.randperm(64 * 16, device="cuda", generator=g)[:tokens]
+    cos, sin = rope_tables(4096, dim, 500000.0, {}, torch.bfloat16, "cuda")
+    positions = torch.randint(0, 4096, (tokens,), device="cuda", generator=g)
+    cos, sin = cos[positions][:, None], sin[positions][:, None]
+    split = lambda x: (t.view(tokens, -1, dim) for t in x.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))  # noqa: E731
+    caches = [torch.zeros(64, 16, kv_heads, dim, device="cuda").to(cache_dtype) for _ in range(4)]
+    x = qkv.clone()
+    q, k, v = split(x)
+    rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
+    q0, k0, _ = split(qkv)
+    for mine, ref in ((q, apply_rope(q0.float(), cos.float(), sin.float())),
+                      (k, apply_rope(k0.float(), cos.float(), sin.float()))):
+        torch.testing.assert_close(mine.float(), ref, rtol=2 ** -7, atol=1e-3)
+    write_kv(k, v, caches[2], caches[3], slots)
+    assert torch.equal(caches[0].float(), caches[2].float()) and torch.equal(caches[1].float(), caches[3].float())
+    if cache_dtype != torch.bfloat16:
+        assert caches[0].float().abs().max() == 448.0         # values past e4m3's range saturate
 
 
 def test_split_kernel_reads_an_fp8_cache():

@@ -53,7 +53,8 @@ def plain_greedy(model, prompt: list[int], n: int, after=None) -> list[int]:
         meta = build_prefill_metadata([len(tokens)], [len(tokens)], [blocks], 16, "cpu")
         h = model.embed(torch.tensor(tokens))
         cos, sin = model.rope(meta.positions, h.dtype)
-        ctx = ForwardContext(cos, sin, lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta))
+        ctx = ForwardContext(cos, sin, meta.slot_mapping,
+                             lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta))
         h = model.run_layers(h, ctx, pool.k, pool.v, after=after)
         tokens.append(int(model.logits(h[-1:]).argmax()))
     return tokens[len(prompt):]

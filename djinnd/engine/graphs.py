@@ -8,7 +8,6 @@ import torch
 
 from djinnd.engine.kernels import decode_attention_kernel, fused_kernels, prefill_attention_kernel
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, decode_attention_torch, prefill_attention
-from djinnd.model.attention import write_kv
 
 
 def buckets_for(max_rows: int) -> list[int]:
@@ -58,14 +57,13 @@ class DecodeGraphs:
         width = num_blocks or tables.shape[1]
 
         def attend(q, k, v, k_cache, v_cache):
-            write_kv(k, v, k_cache, v_cache, slots)
             if self.kernel:
                 return self.kernel(q, k_cache, v_cache, tables, context_lens)
             return decode_attention_torch(q, k_cache, v_cache, tables, context_lens, width)
 
         h = self.model.embed(b.input_ids[:n])
         cos, sin = self.model.rope(positions, h.dtype)
-        h = self.model.run_layers(h, ForwardContext(cos, sin, attend, self.fused), self.pool.k, self.pool.v,
+        h = self.model.run_layers(h, ForwardContext(cos, sin, slots, attend, self.fused), self.pool.k, self.pool.v,
                                   after=b.intervention_hook(n, mode))
         self.logits[:n] = self.model.logits(h)
         b.positions[:n] += b.is_live[:n]

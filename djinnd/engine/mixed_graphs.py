@@ -14,7 +14,7 @@ import torch
 
 from djinnd.engine.graphs import buckets_for, token_buckets
 from djinnd.model import triton_prefill
-from djinnd.model.attention import ForwardContext, build_prefill_metadata, write_kv
+from djinnd.model.attention import ForwardContext, build_prefill_metadata
 from djinnd.session import Session
 
 MAX_SESSIONS = 4      # prompts one replayed step can feed; a step with more runs eagerly
@@ -65,15 +65,14 @@ class MixedGraphs:
         chunk_slots = self.slots[:tokens]
 
         def attend(q, k, v, k_cache, v_cache):
-            write_kv(k[:rows], v[:rows], k_cache, v_cache, slots)
-            write_kv(k[rows:], v[rows:], k_cache, v_cache, chunk_slots)
             decoded = self.decoder.kernel(q[:rows], k_cache, v_cache, tables, context_lens)
             fed = triton_prefill.paged_prefill_attention(q[rows:], k_cache, v_cache, self.tables, tiles)
             return torch.cat([decoded, fed])
 
         h = self.model.embed(torch.cat([b.input_ids[:rows], self.ids[:tokens]]))
         cos, sin = self.model.rope(torch.cat([positions, self.positions[:tokens]]), h.dtype)
-        return self.model.run_layers(h, ForwardContext(cos, sin, attend, self.decoder.fused), self.pool.k, self.pool.v)
+        return self.model.run_layers(h, ForwardContext(cos, sin, torch.cat([slots, chunk_slots]), attend,
+                                                         self.decoder.fused), self.pool.k, self.pool.v)
 
     def capture(self):
         """Every (rows, tokens) bucket, largest first, in one memory pool, while every buffer is padding."""

@@ -14,7 +14,6 @@ import torch
 
 from djinnd.engine.to_device import to_device
 from djinnd.model.attention import ForwardContext, build_prefill_metadata, decode_attention_torch, prefill_attention
-from djinnd.model.attention import write_kv
 from djinnd.session import Session
 
 
@@ -80,7 +79,6 @@ def _forward(runner, n: int, rows: list[Session], chunks):
     width = None if kernel else pool.blocks_for(max(len(s.tokens) for s in rows) + 1)
 
     def attend(q, k, v, k_cache, v_cache):
-        write_kv(k[:n], v[:n], k_cache, v_cache, slots)
         if kernel:
             rows_out = kernel(q[:n], k_cache, v_cache, tables, context_lens)
         else:
@@ -90,4 +88,5 @@ def _forward(runner, n: int, rows: list[Session], chunks):
 
     h = model.embed(torch.cat([b.input_ids[:n], ids.to(runner.device, non_blocking=True)]))
     cos, sin = model.rope(torch.cat([positions, meta.positions]), h.dtype)
-    return model.run_layers(h, ForwardContext(cos, sin, attend, runner.decoder.fused), pool.k, pool.v)
+    return model.run_layers(h, ForwardContext(cos, sin, torch.cat([slots, meta.slot_mapping]), attend,
+                                                 runner.decoder.fused), pool.k, pool.v)

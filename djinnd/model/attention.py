@@ -1,7 +1,7 @@
 """Paged attention over the KV block pool, in its two shapes.
 
-Prefill (a chunk of new tokens per session, after its cached prefix): K/V are written by slot,
-then each session attends over its blocks with causal SDPA, bottom-right aligned so the chunk
+Prefill (a chunk of new tokens per session, after its cached prefix): with its K/V written by slot,
+each session attends over its blocks with causal SDPA, bottom-right aligned so the chunk
 sees the whole prefix (no padded batch, no dense mask). Decode (one token per session): the
 Triton kernel in `triton_attention.py` reads K/V in place through the block table; the torch
 function here is the CPU path and the reference the kernel is tested against.
@@ -16,11 +16,13 @@ from torch.nn.attention.bias import causal_lower_right
 
 @dataclass
 class ForwardContext:
-    """What every layer of one forward shares: rotary tables for its tokens and how to attend."""
+    """What every layer of one forward shares: rotary tables for its tokens, the cache slot each
+    token's K/V goes to (the layer writes it before attending), and how to attend."""
     cos: torch.Tensor             # [T, 1, head_dim]
     sin: torch.Tensor
-    attend: Callable              # (q [T,H,D], k, v [T,Hkv,D], k_cache, v_cache) -> [T,H,D]
-    fused: object = None          # triton_fused on CUDA: one kernel each for norm, RoPE, SiLU-mul
+    slots: torch.Tensor           # [T] flat slot (block * block_size + offset) of each token's K/V
+    attend: Callable              # (q [T,H,D], k, v [T,Hkv,D], k_cache, v_cache) -> [T,H,D], K/V written
+    fused: object = None          # triton_fused on CUDA: one kernel each for norm, RoPE + K/V write, SiLU-mul
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -69,8 +71,8 @@ def build_prefill_metadata(query_lens: list[int], context_lens: list[int], block
 def prefill_attention(q, k, v, k_cache, v_cache, meta: PrefillMetadata, kernel=None):
     """q [T, H, D], k/v [T, Hkv, D]; each session's chunk attends causally to its prefix and itself.
     With `kernel` (engine/kernels.py) every chunk after a cached prefix reads it in place, all in one
-    launch; without one, or when no chunk has a prefix, FlashAttention/SDPA per session."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    launch; without one, or when no chunk has a prefix, FlashAttention/SDPA per session. The chunks'
+    K/V must be in the cache already (the layer writes them by meta.slot_mapping)."""
     if kernel is not None and meta.query_lens != meta.context_lens:
         return kernel(q, k_cache, v_cache, meta)
     out, start = torch.empty_like(q), 0

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from djinnd.model.attention import write_kv
 from djinnd.model.rope import apply_rope, check_rope, rope_tables
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # HF model_type values this one model serves
@@ -185,11 +186,13 @@ class Attention(nn.Module):
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:      # Qwen3: each head normalized before rotation
             q, k = self._head_norm(self.q_norm, q, ctx.fused), self._head_norm(self.k_norm, k, ctx.fused)
-        if ctx.fused is not None:        # rotates q and k in place, in one kernel each
-            q, k = ctx.fused.rope_(q, ctx.cos, ctx.sin), ctx.fused.rope_(k, ctx.cos, ctx.sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if ctx.fused is not None:        # rotates q and k in place and writes k and v, in one kernel
+            ctx.fused.rope_write_kv(q, k, v, ctx.cos, ctx.sin, k_cache, v_cache, ctx.slots)
         else:
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
-        out = ctx.attend(q, k, v.view(-1, self.num_kv_heads, self.head_dim), k_cache, v_cache)
+            write_kv(k, v, k_cache, v_cache, ctx.slots)
+        out = ctx.attend(q, k, v, k_cache, v_cache)
         return row_parallel(self.o_proj, out.reshape(x.shape[0], -1), self.tp)
 
     @staticmethod
@@ -223,14 +226,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a, tp)
 
-    def forward(self, x, ctx, k_cache, v_cache):
+    def forward(self, x, ctx, k_cache, v_cache, pending=None):
+        """Returns (x, pending): the layer's output is x + pending. With the fused kernels the MLP's
+        output stays pending, and the next layer adds it in its first norm's kernel; pending (the
+        previous layer's, or None) is added to x in place here."""
         f = ctx.fused
         if f is None:
+            x = x if pending is None else x + pending
             x = x + self.self_attn(self.input_layernorm(x), ctx, k_cache, v_cache)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        a = self.self_attn(f.rms_norm(x, self.input_layernorm.weight, self.input_layernorm.eps), ctx, k_cache, v_cache)
-        h = f.rms_norm(a, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps, residual=x)  # x += a
-        return x + self.mlp(h, f)
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        norm, post = self.input_layernorm, self.post_attention_layernorm
+        normed = f.rms_norm(x, norm.weight, norm.eps) if pending is None else \
+            f.rms_norm(pending, norm.weight, norm.eps, residual=x)                  # x += pending
+        a = self.self_attn(normed, ctx, k_cache, v_cache)
+        h = f.rms_norm(a, post.weight, post.eps, residual=x)                        # x += a
+        return x, self.mlp(h, f)
 
 
 class LlamaModel(nn.Module):
@@ -281,15 +291,16 @@ class LlamaForCausalLM(nn.Module):
     def run_layers(self, h, ctx, k_cache, v_cache, start: int = 0, stop: int | None = None, after=None):
         """Layers [start, stop) over hidden states h [T, hidden]; k_cache/v_cache [L, blocks, ...].
         after(i, h) -> h, if given, sees (and may replace) each layer's output: steering, capture."""
+        pending = None               # the last layer's MLP output, not yet added to h (DecoderLayer)
         for i in range(start, self.args.num_layers if stop is None else stop):
             if self.streamer is not None:
                 self.streamer.before_layer(i)
-            h = self.model.layers[i](h, ctx, k_cache[i], v_cache[i])
+            h, pending = self.model.layers[i](h, ctx, k_cache[i], v_cache[i], pending)
             if self.streamer is not None:
                 self.streamer.after_layer(i)
             if after is not None:
-                h = after(i, h)
-        return h
+                h, pending = after(i, h + pending if pending is not None else h), None
+        return h if pending is None else h + pending
 
     def logits(self, h):
         """Logits [N, vocab] in float32 of hidden states h [N, hidden] (after the last layer)."""

@@ -1,7 +1,7 @@
 """Fused elementwise kernels for the decode step (Triton, CUDA only). At batch 1 a layer's matmuls
-take microseconds, so the many small kernels of RMSNorm, RoPE and SiLU-mul cost as much as the
-weights' reads; each becomes one kernel here. `llama.py` keeps the torch versions as the CPU path
-and as the reference these are tested against.
+take microseconds, so the many small kernels of RMSNorm, RoPE, the K/V write and SiLU-mul cost as
+much as the weights' reads; each becomes one kernel here, RoPE and the K/V write one together.
+`llama.py` keeps the torch versions as the CPU path and as the reference these are tested against.
 """
 import torch
 import triton
@@ -35,24 +35,55 @@ def rms_norm(x, weight, eps: float, residual=None):
 
 
 @triton.jit
-def _rope(x_ptr, cos_ptr, sin_ptr, stride_t, stride_h, num_heads, HALF: tl.constexpr):
-    t, h = tl.program_id(0), tl.program_id(1)
-    d = tl.arange(0, HALF)
-    base = x_ptr + t * stride_t + h * stride_h
+def _rotate(base, c1, s1, c2, s2, d, HALF: tl.constexpr):
+    """Rotate one head at `base` in place (computed in fp32, stored in its dtype); returns the halves."""
     x1 = tl.load(base + d).to(tl.float32)
     x2 = tl.load(base + HALF + d).to(tl.float32)
+    y1 = (x1 * c1 - x2 * s1).to(base.dtype.element_ty)
+    y2 = (x2 * c2 + x1 * s2).to(base.dtype.element_ty)
+    tl.store(base + d, y1)
+    tl.store(base + HALF + d, y2)
+    return y1, y2
+
+
+@triton.jit
+def _store_cache(ptr, x, cols, TOP: tl.constexpr):
+    if TOP > 0:         # an fp8 cache: saturate to its range (e4m3 has no inf: an overflow would be NaN)
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -TOP), TOP)
+    tl.store(ptr + cols, x.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _rope_write_kv(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, num_heads,
+                   HALF: tl.constexpr, TOP: tl.constexpr):
+    t, h = tl.program_id(0), tl.program_id(1)      # heads [0, num_heads) are q's, the rest k's (and v's)
+    d = tl.arange(0, HALF)
     c1 = tl.load(cos_ptr + t * 2 * HALF + d).to(tl.float32)
     s1 = tl.load(sin_ptr + t * 2 * HALF + d).to(tl.float32)
     c2 = tl.load(cos_ptr + t * 2 * HALF + HALF + d).to(tl.float32)
     s2 = tl.load(sin_ptr + t * 2 * HALF + HALF + d).to(tl.float32)
-    tl.store(base + d, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty))
-    tl.store(base + HALF + d, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty))
+    if h < num_heads:
+        _rotate(q_ptr + t * stride_qt + h * stride_qh, c1, s1, c2, s2, d, HALF)
+    else:
+        kv_head = h - num_heads
+        y1, y2 = _rotate(k_ptr + t * stride_kt + kv_head * stride_kh, c1, s1, c2, s2, d, HALF)
+        at = tl.load(slots_ptr + t).to(tl.int64) * stride_slot + kv_head * 2 * HALF
+        _store_cache(k_cache_ptr + at, y1, d, TOP)
+        _store_cache(k_cache_ptr + at + HALF, y2, d, TOP)
+        v = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + tl.arange(0, 2 * HALF))
+        _store_cache(v_cache_ptr + at, v, tl.arange(0, 2 * HALF), TOP)
 
 
-def rope_(x, cos, sin):
-    """Rotate x [T, heads, D] in place (a strided view is fine); cos/sin [T, 1, D] contiguous."""
-    _rope[(x.shape[0], x.shape[1])](x, cos, sin, x.stride(0), x.stride(1), x.shape[1], HALF=x.shape[2] // 2)
-    return x
+def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """One kernel: rotate q [T, H, D] and k [T, Hkv, D] in place (strided views are fine) and write k
+    and v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D], as
+    `attention.write_kv` does after `rope.apply_rope`. cos/sin [T, 1, D] contiguous."""
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == k.stride(2) == v.stride(2) == 1
+    top = torch.finfo(k_cache.dtype).max if k_cache.dtype != k.dtype else 0.0
+    _rope_write_kv[(q.shape[0], q.shape[1] + k.shape[1])](
+        q, k, v, cos, sin, slots, k_cache, v_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), k_cache.stride(1), q.shape[1], HALF=q.shape[2] // 2, TOP=top)
 
 
 @triton.jit

@@ -19,6 +19,40 @@ from djinnd.model.triton_attention import LOG2E, _merge_splits
 MAX_SPLITS = 64                # the split count is an argument, not a constant: no compile per count
 
 
+@triton.jit
+def _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, head_at, d, stride_cb, stride_cs, scale_log2,
+              BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
+    """Keys [kv, kv + BLOCK_N) into the running softmax (m, l, acc) of a tile's rows. CAUSAL: the tile
+    straddles the diagonal or the slice's end, so keys past a row's position or `end` are masked;
+    otherwise every row sees every key and the masks are skipped."""
+    n = kv + tl.arange(0, BLOCK_N)
+    in_range = n < end
+    if CAUSAL:
+        block = tl.load(table + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    else:
+        block = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
+    at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + head_at
+    if CAUSAL:
+        k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_ptr + at[:, None] + d[None, :]).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [ROWS, BLOCK_N]
+    if CAUSAL:
+        s = tl.where(in_range[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = m_new
+    if CAUSAL:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)    # a row that sees no key yet: p and alpha 0
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    if CAUSAL:
+        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
+    else:
+        v = tl.load(v_ptr + at[:, None] + d[None, :]).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l * alpha + tl.sum(p, axis=1), m_new
+
+
 @triton.jit(do_not_specialize=["num_splits", "stride_tb"])   # values that change step by step: one compile
 def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, q_start_ptr, q_len_ptr,
                    ctx_len_ptr, out_ptr, part_ptr, lse_ptr, num_splits,
@@ -42,25 +76,18 @@ def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, 
     per_split = tl.cdiv(tl.cdiv(visible, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, visible)
+    seen_by_all = (ctx - q_len + first + 1) // BLOCK_N * BLOCK_N    # whole key tiles every row sees
+    unmasked_end = tl.maximum(tl.minimum(end, seen_by_all), start)
+    table = tables_ptr + seq * stride_tb
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for kv in range(start, end, BLOCK_N):
-        n = kv + tl.arange(0, BLOCK_N)
-        in_range = n < end
-        block = tl.load(tables_ptr + seq * stride_tb + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-        at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [ROWS, BLOCK_N]
-        s = tl.where(in_range[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)      # a row that sees no key of this tile yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        l = l * alpha + tl.sum(p, axis=1)
-        m = m_new
+    for kv in range(start, unmasked_end, BLOCK_N):
+        acc, l, m = _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, kv_head * stride_ch, d, stride_cb,
+                              stride_cs, scale_log2, BLOCK_SIZE, BLOCK_N, PRECISION, False)
+    for kv in range(unmasked_end, end, BLOCK_N):
+        acc, l, m = _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, kv_head * stride_ch, d, stride_cb,
+                              stride_cs, scale_log2, BLOCK_SIZE, BLOCK_N, PRECISION, True)
     row = q_start + tok
     if not SPLIT:
         tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
