@@ -20,7 +20,6 @@ from djinnd.config import load_config  # noqa: E402
 from djinnd.daemon import build_engine  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
 from experiments.bench_decode import hbm_bandwidth, random_tokens  # noqa: E402
-from experiments.bench_decode_kernel import time_ms  # noqa: E402
 from experiments.harness import stamp  # noqa: E402
 
 
@@ -56,7 +55,9 @@ def kernels_per_step(a, overrides: dict) -> dict:
 
 
 def linear_rates(model, batch: int, bw: float) -> list[dict]:
-    """Each distinct weight shape's matmul at `batch` rows: ms and share of the HBM copy rate."""
+    """Each distinct weight shape's matmul at `batch` rows, L2 flushed before each run: cuBLAS, and
+    at one row each Triton GEMV config; ms and share of the HBM copy rate."""
+    from djinnd.model import triton_fused
     shapes = {}
     for name, p in model.named_parameters():
         if p.dim() == 2 and "embed" not in name:
@@ -64,9 +65,14 @@ def linear_rates(model, batch: int, bw: float) -> list[dict]:
     out = []
     for shape, (name, w) in shapes.items():
         x = torch.randn(batch, shape[1], device=w.device, dtype=w.dtype)
-        ms = time_ms(lambda: F.linear(x, w))
-        out.append({"layer": name, "shape": list(shape), "ms": ms,
-                    "share_of_hbm": w.numel() * w.element_size() / (ms / 1e3) / bw})
+        runs = {"cublas": lambda: F.linear(x, w)}
+        if batch == 1:
+            runs.update({f"gemv{c}": (lambda c=c: triton_fused.gemv(x, w, None, *c))
+                         for c in triton_fused.GEMV_CONFIGS if shape[1] % c[1] == 0})
+        for how, run in runs.items():
+            ms = triton_fused._median_ms(run, w.device)
+            out.append({"layer": name, "shape": list(shape), "how": how, "ms": ms,
+                        "share_of_hbm": w.numel() * w.element_size() / (ms / 1e3) / bw})
     return out
 
 
@@ -87,6 +93,8 @@ def main():
         report["eager"] = kernels_per_step(a, {"cuda_graphs": False})
     engine = build_engine(load_config(None, {"model": a.model, "device": "cuda", "kv_cache_mb": 64}))
     report["linear"] = linear_rates(engine.loaded.model, a.batch, bw)
+    from djinnd.model import triton_fused
+    report["gemv_choice"] = {str(k): v for k, v in triton_fused._gemv_choice.items()}
     with open(a.out, "w") as fh:
         json.dump(report, fh, indent=1)
     for kind in ("graphs", "eager"):
@@ -100,7 +108,9 @@ def main():
             print(f"  {us:8.1f} us {n:6.0f}x  {name[:90]}")
     print(f"\nlinear layers alone at M={a.batch} (HBM copy {bw / 1e9:.0f} GB/s):")
     for r in report["linear"]:
-        print(f"  {r['layer']:<14} {str(r['shape']):<16} {r['ms'] * 1e3:8.1f} us  {100 * r['share_of_hbm']:5.1f}%")
+        print(f"  {r['layer']:<14} {str(r['shape']):<16} {r['how']:<18} {r['ms'] * 1e3:8.1f} us  "
+              f"{100 * r['share_of_hbm']:5.1f}%")
+    print("the engine's choices (None: cuBLAS):", report["gemv_choice"])
 
 
 if __name__ == "__main__":

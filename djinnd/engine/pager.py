@@ -85,7 +85,6 @@ class Pager:
     def evict(self, s: Session, cause: str, may_drop: bool = True, keep: Session | None = None) -> bool:
         """Move s's device KV to the host arena; with the arena full, drop what is cheapest to lose
         (may_drop; never `keep`'s). False: the KV stays where it is."""
-        blocks = s.block_table
         if not policies.evicts_by_copy(self.policy):
             self.drop_kv(s)
             return True

@@ -154,7 +154,7 @@ def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_head
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTiles, num_warps: int = 4,
-                            num_stages: int = 2):
+                            num_stages: int = 3):
     """q [T, H, D] chunk tokens, session by session; k_cache/v_cache [blocks, block_size, Hkv, D] of
     one layer holding every token of each context (the chunk's own K/V already written);
     block_tables [B, max] int32. Returns [T, H, D]."""
