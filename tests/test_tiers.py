@@ -1,5 +1,6 @@
 """Three tiers of KV, one policy: device, host arena, dropped. A full arena drops the KV cheapest to
 lose (furthest return, shortest context) instead of refusing work that fits the pool."""
+import threading
 import time
 
 import pytest
@@ -140,4 +141,25 @@ def test_long_profile_paging_exact_with_kv_dropped_and_recomputed(device, policy
     reference, _ = run_agents("random:tiny", device, "float32", "none", size(4), 0, **shape)
     paged, counters = run_agents("random:tiny", device, "float32", policy, size(2), size(1), **shape)
     assert counters["swaps_out"] > 0 and counters["resumed_dropped"] > 0 and counters["recomputed_tokens"] > 0
+    assert paged == reference
+
+
+def test_a_turn_whose_kv_is_on_the_host_is_admitted_once_its_restore_fits():
+    """test_gpu_policies' agents on CPU (fp32): six agents one request at a time, a pool for two and
+    an arena for all. A turn whose KV waits on the host needs room for all it restores (its shared
+    prefix blocks no one holds, its private ones) before the rest of its reservation; counting only
+    the reservation admitted it into a pool short of its restore, which then failed on every step:
+    the turn never ran. Tokens equal an unpaged run."""
+    from experiments.check_paging_exact import history_tokens, pool_mib, run_agents
+    shape = dict(agents=6, turns=3, context=96, growth=16, new_tokens=8, tool_s=0.02)
+    size = lambda n: pool_mib("random:tiny", "cpu", "float32", history_tokens(3, 96, 16, 8), n)  # noqa: E731
+    reference, _ = run_agents("random:tiny", "cpu", "float32", "none", size(6), 0, **shape)
+    runs = []                   # in a daemon thread: a turn that never runs fails the test, not hangs it
+    paging = threading.Thread(target=lambda: runs.append(run_agents("random:tiny", "cpu", "float32", "semantic",
+                                                                    size(2), size(6), **shape)), daemon=True)
+    paging.start()
+    paging.join(120)
+    assert runs, "a turn never ran"
+    paged, counters = runs[0]
+    assert counters["swaps_in_prefetch"] > 0 and counters["swaps_out_prefetch_room"] > 0
     assert paged == reference

@@ -50,7 +50,11 @@ class Scheduler:
 
     def blocks_needed(self, s: Session) -> int:
         """Blocks to reserve so the whole request fits (decode never runs out mid-way), less the
-        shared prefix blocks other sessions hold already."""
+        shared prefix blocks other sessions hold already. KV on the host: what bringing it back
+        takes (pager.restore_size), then the rest of the reservation."""
+        if s.kv is KVPlace.HOST:
+            restored = len(s.block_keys) + sum(n for _, n in s.host_runs)
+            return self.pager.restore_size(s) + max(0, self._blocks_total(s) - restored)
         cow = max(0, len(s.block_keys) - s.num_cached // self.pool.block_size)  # copies of shared blocks it cut in
         return max(0, self._blocks_total(s) - len(s.block_table) - prefix_admission.shared_held(self.pager, s) + cow)
 

@@ -160,16 +160,11 @@ def _world(tp) -> int:
     return 1 if tp is None else tp.world
 
 
-def project(linear: nn.Linear, x, fused):
-    """linear(x), through the fused module's one-row GEMV where it has one (triton_fused.linear)."""
-    return linear(x) if fused is None else fused.linear(x, linear.weight, linear.bias)
-
-
-def row_parallel(linear: nn.Linear, x, tp, fused=None):
+def row_parallel(linear: nn.Linear, x, tp):
     """o_proj, down_proj: under tensor parallelism each rank holds some input columns, so its product
     is a partial sum, summed across ranks (then the bias, once). tp None: the plain layer."""
     if tp is None:
-        return project(linear, x, fused)
+        return linear(x)
     y = tp.all_reduce(F.linear(x, linear.weight))
     return y if linear.bias is None else y + linear.bias
 
@@ -187,7 +182,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
 
     def forward(self, x, ctx, k_cache, v_cache):
-        q, k, v = project(self.qkv_proj, x, ctx.fused).split(self.sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:      # Qwen3: each head normalized before rotation
             q, k = self._head_norm(self.q_norm, q, ctx.fused), self._head_norm(self.k_norm, k, ctx.fused)
@@ -198,7 +193,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
             write_kv(k, v, k_cache, v_cache, ctx.slots)
         out = ctx.attend(q, k, v, k_cache, v_cache)
-        return row_parallel(self.o_proj, out.reshape(x.shape[0], -1), self.tp, ctx.fused)
+        return row_parallel(self.o_proj, out.reshape(x.shape[0], -1), self.tp)
 
     @staticmethod
     def _head_norm(norm, x, fused):
@@ -218,8 +213,7 @@ class MLP(nn.Module):
 
     def forward(self, x, fused=None):
         if fused is not None:
-            gate_up = project(self.gate_up_proj, x, fused)
-            return row_parallel(self.down_proj, fused.silu_mul(gate_up), self.tp, fused)
+            return row_parallel(self.down_proj, fused.silu_mul(self.gate_up_proj(x)), self.tp)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
 
@@ -235,10 +229,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x, ctx, k_cache, v_cache, pending=None):
         """Returns (x, pending): the layer's output is x + pending. With the fused kernels the MLP's
         output stays pending, and the next layer adds it in its first norm's kernel; pending (the
-        previous layer's, or None) is added to x in place here."""
+        previous layer's, or None) is added to x in place here. Without them pending is None."""
         f = ctx.fused
         if f is None:
-            x = x if pending is None else x + pending
             x = x + self.self_attn(self.input_layernorm(x), ctx, k_cache, v_cache)
             return x + self.mlp(self.post_attention_layernorm(x)), None
         norm, post = self.input_layernorm, self.post_attention_layernorm

@@ -4,7 +4,6 @@ much as the weights' reads; each becomes one kernel here, RoPE and the K/V write
 `llama.py` keeps the torch versions as the CPU path and as the reference these are tested against.
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -109,76 +108,3 @@ def silu_mul(gate_up):
 def supports(x: torch.Tensor) -> bool:
     return x.is_cuda
 
-
-@triton.jit
-def _gemv(x_ptr, w_ptr, bias_ptr, out_ptr, n_out, k_in, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    live = rows < n_out
-    w = w_ptr + rows[:, None].to(tl.int64) * k_in + cols[None, :]
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for k in range(0, k_in, BLOCK_K):             # k_in % BLOCK_K == 0 (gemv checks)
-        x = tl.load(x_ptr + k + cols).to(tl.float32)
-        acc += tl.sum(tl.load(w + k, mask=live[:, None], other=0.0).to(tl.float32) * x[None, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=live, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=live)
-
-
-def gemv(x, weight, bias=None, block_n: int = 16, block_k: int = 512, num_warps: int = 4):
-    """x [1, K] @ weight [N, K].T (+ bias) -> [1, N], fp32 accumulation, for a contiguous weight with
-    K a multiple of block_k."""
-    n_out, k_in = weight.shape
-    assert x.shape == (1, k_in) and weight.is_contiguous() and k_in % block_k == 0
-    out = x.new_empty(1, n_out)
-    _gemv[(triton.cdiv(n_out, block_n),)](x.contiguous(), weight, bias if bias is not None else weight, out, n_out,
-                                          k_in, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                                          num_warps=num_warps)
-    return out
-
-
-GEMV_CONFIGS = [(8, 512, 4), (16, 512, 4), (16, 256, 4), (32, 256, 8)]    # (block_n, block_k, num_warps)
-_gemv_choice: dict = {}        # (weight shape, dtype) -> a GEMV_CONFIGS entry, or None for cuBLAS
-
-
-def linear(x, weight, bias=None):
-    """F.linear, except that one row goes through the Triton GEMV where that measured faster for this
-    weight's shape on this GPU. At batch 1 cuBLAS reads small weights (4096 x 4096, 6144 x 4096) at
-    about half to three quarters of the HBM rate (H200, 2026-12-02, profile_decode.py); the choice is
-    timed once per shape, at the first call outside a CUDA-graph capture."""
-    key = (tuple(weight.shape), weight.dtype)
-    if x.shape[0] != 1 or not weight.is_contiguous() or weight.shape[1] % 256:
-        return F.linear(x, weight, bias)
-    if key not in _gemv_choice:
-        if torch.cuda.is_current_stream_capturing():
-            return F.linear(x, weight, bias)
-        _gemv_choice[key] = _fastest(x, weight, bias)
-    config = _gemv_choice[key]
-    return F.linear(x, weight, bias) if config is None else gemv(x, weight, bias, *config)
-
-
-def _fastest(x, weight, bias):
-    """The GEMV config, or None for cuBLAS, with the least median time over a few runs."""
-    runs = {None: lambda: F.linear(x, weight, bias)}
-    for config in GEMV_CONFIGS:
-        if weight.shape[1] % config[1] == 0:
-            runs[config] = lambda c=config: gemv(x, weight, bias, *c)
-    return min(runs, key=lambda c: _median_ms(runs[c], weight.device))
-
-
-def _median_ms(fn, device, reps: int = 15) -> float:
-    """Each run after a write of 256 MB (L2 holds none of the weight, as in a forward over all of
-    them), enqueued behind it (no launch gap inside the timing)."""
-    fn()
-    flush = torch.empty(2**28, dtype=torch.uint8, device=device)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush.zero_()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
