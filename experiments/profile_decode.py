@@ -1,13 +1,14 @@
 """Where a decode step's time goes: the engine decodes B sessions at C tokens of context under the
 torch profiler, and the GPU kernels are summed by name per step (the decode graph's kernels where
 the profiler sees inside replays, else an eager engine's). Beside it, each linear layer's matmul
-alone at M = B rows, replayed from a CUDA graph, against the HBM copy rate measured in the same run.
+alone at M = B rows (L2 flushed before each run) against the HBM copy rate measured in the same run.
 CUDA only; random presets are seeded random weights in real shapes.
 
     python experiments/profile_decode.py --model random:llama-3.1-8b --context 1024 --batch 1
 """
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -23,31 +24,29 @@ from experiments.bench_decode import hbm_bandwidth, random_tokens  # noqa: E402
 from experiments.harness import stamp  # noqa: E402
 
 
-def decode(client, prompts, new_tokens: int):
-    sessions = [client.open() for _ in prompts]
-    for e in [client.submit(s, p[:-1], 1) for s, p in zip(sessions, prompts)]:
-        client.done(e)
-    for e in [client.submit(s, p[-1:], new_tokens) for s, p in zip(sessions, prompts)]:
-        client.done(e)
-    for s in sessions:
-        client.close(s)
-
-
 def kernels_per_step(a, overrides: dict) -> dict:
-    """{kernel name: (microseconds per step, launches per step)} over a.steps decode steps."""
+    """{kernel name: (microseconds per step, launches per step)} over a.steps decode steps; the
+    prompts are fed before the profiler starts."""
     engine = build_engine(load_config(None, {"model": a.model, "device": "cuda", "max_num_seqs": a.batch,
                                              "kv_cache_mb": a.kv_cache_mb, "prefix_sharing": "off", **overrides}))
     engine.start()
     client = LocalClient(engine)
     vocab = engine.loaded.model.args.vocab_size
-    prompts = random_tokens(a.batch, a.context, vocab).tolist()
-    decode(client, prompts, 8)                                    # warm-up: compiles, graphs
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        decode(client, random_tokens(a.batch, a.context, vocab, salt=1).tolist(), a.steps)
+    for salt in (0, 1):                                           # the first pass warms up: compiles, graphs
+        prompts = random_tokens(a.batch, a.context, vocab, salt=salt).tolist()
+        sessions = [client.open() for _ in prompts]
+        for e in [client.submit(s, p[:-1], 1) for s, p in zip(sessions, prompts)]:
+            client.done(e)
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        with profiler if salt else contextlib.nullcontext():
+            for e in [client.submit(s, p[-1:], a.steps) for s, p in zip(sessions, prompts)]:
+                client.done(e)
+        for s in sessions:
+            client.close(s)
     engine.stop()
     engine.join()
     totals = collections.defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
+    for e in profiler.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower():
             totals[e.name][0] += e.device_time / a.steps
             totals[e.name][1] += 1 / a.steps
@@ -111,7 +110,8 @@ def main():
         rows = sorted(report[kind].items(), key=lambda kv: -kv[1][0])
         total = sum(us for us, _ in report[kind].values())
         launches = sum(n for _, n in report[kind].values())
-        print(f"\n{kind}: {total:.0f} us of kernels, {launches:.0f} launches per step (b{a.batch}, context {a.context})")
+        print(f"\n{kind}: {total:.0f} us of kernels, {launches:.0f} launches per step "
+              f"(b{a.batch}, context {a.context})")
         for name, (us, n) in rows[:a.top]:
             print(f"  {us:8.1f} us {n:6.0f}x  {name[:90]}")
     print(f"\nlinear layers alone at M={a.batch} (HBM copy {bw / 1e9:.0f} GB/s):")

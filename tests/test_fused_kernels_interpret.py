@@ -42,4 +42,3 @@ print(json.dumps(errors))
 def test_rope_and_kv_write_kernel_equals_the_torch_path():
     errors = run_interpreted(CHILD, json.dumps([(4, 4), (8, 2), (6, 1)]))
     assert max(errors) < 1e-5, errors
-

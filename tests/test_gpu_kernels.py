@@ -211,7 +211,8 @@ def test_rope_and_kv_write_kernel_equals_the_torch_path(cache_dtype):
     cos, sin = rope_tables(4096, dim, 500000.0, {}, torch.bfloat16, "cuda")
     positions = torch.randint(0, 4096, (tokens,), device="cuda", generator=g)
     cos, sin = cos[positions][:, None], sin[positions][:, None]
-    split = lambda x: (t.view(tokens, -1, dim) for t in x.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))  # noqa: E731
+    sizes = [heads * dim, kv_heads * dim, kv_heads * dim]
+    split = lambda x: (t.view(tokens, -1, dim) for t in x.split(sizes, -1))  # noqa: E731
     caches = [torch.zeros(64, 16, kv_heads, dim, device="cuda").to(cache_dtype) for _ in range(4)]
     x = qkv.clone()
     q, k, v = split(x)

@@ -38,8 +38,8 @@ def prompt_logits(model, prompt: list[int], kv_heads: int) -> torch.Tensor:
     meta = build_prefill_metadata([len(prompt)], [len(prompt)], [list(range(-(-len(prompt) // 16)))], 16, "cuda")
     h = model.embed(torch.tensor(prompt, device="cuda"))
     cos, sin = model.rope(meta.positions, h.dtype)
-    ctx = ForwardContext(cos, sin, meta.slot_mapping,
-                         lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta), fused_kernels("cuda", "auto"))
+    attend = lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta)  # noqa: E731
+    ctx = ForwardContext(cos, sin, meta.slot_mapping, attend, fused_kernels("cuda", "auto"))
     return model.logits(model.run_layers(h, ctx, pool.k, pool.v))
 
 

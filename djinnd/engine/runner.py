@@ -73,8 +73,8 @@ class Runner:
             hidden = self.model.embed(torch.tensor(ids).to(self.device, non_blocking=True))
         cos, sin = self.model.rope(meta.positions, hidden.dtype)
         kernel = self.decoder.prefill_kernel
-        ctx = ForwardContext(cos, sin, meta.slot_mapping,
-                             lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta, kernel), self.decoder.fused)
+        attend = lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta, kernel)  # noqa: E731
+        ctx = ForwardContext(cos, sin, meta.slot_mapping, attend, self.decoder.fused)
         return self.model.run_layers(hidden, ctx, self.pool.k, self.pool.v, start, stop, after), meta
 
     @torch.inference_mode()

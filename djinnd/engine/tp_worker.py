@@ -121,8 +121,8 @@ class Replica:
             h = self.tp.broadcast(torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")),
                                               device=self.device))
         cos, sin = self.model.rope(meta.positions, h.dtype)
-        ctx = ForwardContext(cos, sin, meta.slot_mapping,
-                             lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta), self.decoder.fused)
+        attend = lambda q, k, v, kc, vc: prefill_attention(q, k, v, kc, vc, meta)  # noqa: E731
+        ctx = ForwardContext(cos, sin, meta.slot_mapping, attend, self.decoder.fused)
         after = (lambda i, x: self.tp.broadcast(x.contiguous())) if hooked else None
         self.model.run_layers(h, ctx, self.pool.k, self.pool.v, start, stop, after)
 

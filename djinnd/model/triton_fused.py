@@ -107,4 +107,3 @@ def silu_mul(gate_up):
 
 def supports(x: torch.Tensor) -> bool:
     return x.is_cuda
-
