@@ -13,11 +13,11 @@ arriving, only gaps that end between the first arrival and the last prompt's fir
 Random presets are seeded random weights in real shapes: honest for speed and memory, not text.
 """
 import argparse
+import contextlib
 import gc
 import json
 import os
 import queue
-import statistics
 import sys
 import time
 
@@ -30,6 +30,7 @@ from djinnd.engine import commands as cmd  # noqa: E402
 from djinnd.engine.local import LocalClient  # noqa: E402
 from djinnd.metrics import summary  # noqa: E402
 from experiments.harness import stamp  # noqa: E402
+from experiments.profile_decode import kernel_sums  # noqa: E402
 from experiments.tail_trace import full_collections, slowest_steps, trace_steps, watch_gc, worst_gaps  # noqa: E402
 
 
@@ -96,10 +97,14 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
     for s in sessions:
         client.close(s)
     sessions, pending, _ = start_decoders(client, a, vocab, a.max_new_tokens, 10_000)
+    mixed_before = engine.metrics.counters.get("mixed_steps", 0)
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if a.profile else None
     started, prompts_s = time.perf_counter(), []
-    for i in range(a.arrivals):                # back to back: the next prompt arrives as one finishes
-        prompts_s.append(prefill_s(client, tokens(a.prompt_len, vocab, 1000 + i)))
+    with profiler or contextlib.nullcontext():
+        for i in range(a.arrivals):                # back to back: the next prompt arrives as one finishes
+            prompts_s.append(prefill_s(client, tokens(a.prompt_len, vocab, 1000 + i)))
     ended = time.perf_counter()
+    profiled_steps = engine.metrics.counters.get("mixed_steps", 0) - mixed_before
     for s in sessions:
         client.close(s)
     mixed = [token_times(e) for e in pending]
@@ -121,6 +126,9 @@ def measure(a, max_step_ms: float, mixed_steps: bool) -> dict:
            "slowest_steps": slowest_steps(steps, started, ended), "gc": a.gc,
            "full_collections": full_collections(collections, started, ended),
            "slowest_steps_alone": slowest_steps(steps, alone_ready, max(t[-1] for t in alone))}
+    if a.profile:        # GPU kernels per mixed step, summed by name (inside graph replays too)
+        sums = kernel_sums(profiler, max(profiled_steps, 1))
+        row["kernels_per_mixed_step"] = dict(sorted(sums.items(), key=lambda kv: -kv[1][0])[:a.profile])
     row["tpot_p99_vs_alone"] = row["mixed"]["tpot_p99_ms"] / row["decode_alone"]["tpot_p99_ms"]
     row["prefill_share_of_alone"] = row["mixed"]["prefill_tps"] / row["prefill_alone_tps"]
     print(f"  max_step_ms {max_step_ms} mixed_steps {mixed_steps}: {json.dumps(row)}", flush=True)
@@ -142,6 +150,7 @@ def main():
     p.add_argument("--mixed-steps", default="0,1", help="one forward per mixed step: off (0), on (1), or both")
     p.add_argument("--gc", choices=["freeze", "default"], default="freeze",
                    help="freeze the start-up heap as the daemon does, or leave Python's collector as it is")
+    p.add_argument("--profile", type=int, default=0, help="list this many GPU kernels per mixed step (torch profiler; CUDA only)")
     p.add_argument("--out", default="results/bench_mixed.json")
     a = p.parse_args()
     budgets = [float(x) for x in a.max_step_ms.split(",")]

@@ -45,11 +45,16 @@ def kernels_per_step(a, overrides: dict) -> dict:
             client.close(s)
     engine.stop()
     engine.join()
+    return kernel_sums(profiler, a.steps)
+
+
+def kernel_sums(profiler, steps: int) -> dict:
+    """{kernel name: [microseconds per step, launches per step]} of a finished profile."""
     totals = collections.defaultdict(lambda: [0.0, 0])
     for e in profiler.events():
         if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower():
-            totals[e.name][0] += e.device_time / a.steps
-            totals[e.name][1] += 1 / a.steps
+            totals[e.name][0] += e.device_time / steps
+            totals[e.name][1] += 1 / steps
     return dict(totals)
 
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from djinnd.model.triton_attention import LOG2E, _merge_splits
 
-MAX_SPLITS = 64                # the split count is an argument, not a constant: no compile per count
+MAX_SPLITS = 64                # the split count is an argument (no compile per count); the merge pads it to a power of 2
 
 
 @triton.jit
@@ -179,5 +179,5 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTil
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_splits[(num_tokens, num_heads)](part, lse, out, out.stride(0), out.stride(1), splits,
-                                               SPLITS_PAD=MAX_SPLITS, HEAD_DIM=head_dim)
+                                               SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim)
     return out
