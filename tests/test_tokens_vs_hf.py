@@ -53,6 +53,17 @@ def test_second_turn_continues_resident_kv(engine):
     assert turn2.tokens == hf_greedy(hf, history + second, 7)
 
 
+def test_cpu_decode_hands_out_each_token_in_the_step_that_computed_it(engine):
+    """On CPU a decode step is done when it returns: n new tokens take n - 1 decode steps, none
+    holding a token back a step or computing one past the request's end (as a GPU step in flight does)."""
+    client, _ = engine
+    [prompt] = random_prompts(client.engine.loaded.model.args.vocab_size, [7], seed=3)
+    before = client.engine.metrics.counters.get("decode_steps", 0)
+    client.done(client.submit(client.open(), prompt, 10))
+    client.open()                  # a round trip through the inbox: the step that sent Done has ended
+    assert client.engine.metrics.counters["decode_steps"] - before == 9
+
+
 def test_stops_on_eos_like_hf():
     client = EngineClient(model="smollm2-135m", kv_cache_mb=16.0)
     hf = hf_reference(client.engine.loaded.model)

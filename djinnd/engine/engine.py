@@ -16,6 +16,7 @@ from djinnd.engine.breakpoints import STOPPED, BreakpointRunner
 from djinnd.engine.harvest import Harvester
 from djinnd.engine.ghost_forward import GhostForwards
 from djinnd.engine.mixed_step import can_mix, run_mixed
+from djinnd.engine.openmp import release_openmp_threads
 from djinnd.engine.pager import Pager
 from djinnd.engine.reprefill import Reprefill
 from djinnd.engine import request_checks
@@ -80,6 +81,8 @@ class Engine:
 
     # ---- thread ---------------------------------------------------------------------------
     def start(self):
+        if self.device.type == "cpu":     # from here on the engine thread runs the model's CPU ops
+            release_openmp_threads()
         self._thread = threading.Thread(target=self.run, name="djinn-engine", daemon=True)
         self._thread.start()
 
@@ -327,7 +330,7 @@ class Engine:
         timed = budget.max_step_s > 0     # steps beside decoding rows matter only to a budget; prefills to re-prefill too
         fed, chunks = sum(n for _, n in prefill), [(s.num_cached, n) for s, n in prefill]
         if prefill and decode and self.config.engine.mixed_steps and can_mix(self.runner, decode, prefill):
-            pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
+            pipelined = self._pipelined(decode)
             self._forward("mixed", decode + [s for s, _ in prefill],
                           lambda: run_mixed(self.runner, decode, prefill, pipelined), len(decode))
             self.metrics.inc("prompt_tokens", fed)
@@ -341,7 +344,7 @@ class Engine:
             prefilled = clock.mark()
             clock.span(step_started, prefilled, partial(budget.observe_prefill, fed))
         if decode or self.runner.in_flight:
-            pipelined = not any(s.request.params.has_decode_breakpoints for s in decode)
+            pipelined = self._pipelined(decode)
             self._forward("decode", decode, lambda: self.runner.decode(decode, pipelined), len(decode))
             if decode and timed:
                 decoded = clock.mark()
@@ -349,6 +352,12 @@ class Engine:
                 if prefill:
                     clock.span(step_started, decoded, partial(self._observe_step, chunks))
         clock.poll()
+
+    def _pipelined(self, decode: list[Session]) -> bool:
+        """Hand a decode step's tokens out a step late, while the GPU runs the next one. Not on CPU:
+        there a step is done when launched, and holding its tokens back would only delay each token
+        by a step and compute one more step at each request's end."""
+        return self.runner.is_cuda and not any(s.request.params.has_decode_breakpoints for s in decode)
 
     def _on_its_own(self, s: Session, run):
         """A forward of s alone (breakpoints); a refusal (a segment quota) ends its request, not the step."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from djinnd.model import threaded_linear
 from djinnd.model.attention import write_kv
 from djinnd.model.rope import apply_rope, check_rope, rope_tables
 
@@ -164,8 +165,8 @@ def row_parallel(linear: nn.Linear, x, tp):
     """o_proj, down_proj: under tensor parallelism each rank holds some input columns, so its product
     is a partial sum, summed across ranks (then the bias, once). tp None: the plain layer."""
     if tp is None:
-        return linear(x)
-    y = tp.all_reduce(F.linear(x, linear.weight))
+        return threaded_linear.linear(x, linear.weight, linear.bias)
+    y = tp.all_reduce(threaded_linear.linear(x, linear.weight))
     return y if linear.bias is None else y + linear.bias
 
 
@@ -182,7 +183,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
 
     def forward(self, x, ctx, k_cache, v_cache):
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q, k, v = threaded_linear.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.sizes, dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:      # Qwen3: each head normalized before rotation
             q, k = self._head_norm(self.q_norm, q, ctx.fused), self._head_norm(self.k_norm, k, ctx.fused)
@@ -213,8 +214,9 @@ class MLP(nn.Module):
 
     def forward(self, x, fused=None):
         if fused is not None:
-            return row_parallel(self.down_proj, fused.silu_mul(self.gate_up_proj(x)), self.tp)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return row_parallel(self.down_proj, fused.silu_mul(threaded_linear.linear(x, self.gate_up_proj.weight)),
+                                self.tp)
+        gate, up = threaded_linear.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
         return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
 
 
@@ -303,7 +305,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logits(self, h):
         """Logits [N, vocab] in float32 of hidden states h [N, hidden] (after the last layer)."""
-        logits = self.lm_head(self.model.norm(h)).float()
+        logits = threaded_linear.linear(self.model.norm(h), self.lm_head.weight).float()
         if self.tp is None:
             return logits
         return self.tp.all_gather_columns(logits)[:, :self.args.vocab_size]
