@@ -16,26 +16,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.bench_decode import hbm_bandwidth  # noqa: E402
+from experiments.bench_decode_kernel import time_ms  # noqa: E402
 from experiments.harness import stamp  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-
-
-def graph_ms(fn, iters: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def formulations(weights, x):
@@ -77,7 +61,7 @@ def main():
             for backend in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(backend)
                 for form, fn in found.items():
-                    ms = graph_ms(fn)
+                    ms = time_ms(fn, iters=20)
                     gbs = a.layers * out_f * in_f * 2 / ms / 1e6
                     report["cases"].append({"weight": name, "rows": rows, "form": form, "blas": backend,
                                             "us_per_layer": 1e3 * ms / a.layers, "gb_per_s": gbs,
