@@ -1,7 +1,8 @@
 """Decode's matrix-vector products as the step runs them: a chain of one linear per layer over 32
 distinct weights (so nothing stays in L2), captured in a CUDA graph, for each of Llama-3.1-8B's
 weight shapes, in several formulations: F.linear on [out, in] weights (the engine's), a matmul
-on the transposed copy [in, out], torch.mv, and cuBLASLt instead of cuBLAS. Reports the weight
+on the transposed copy [in, out], torch.mv, the reduction split in 2 or 4 slices (a strided
+batched product and a sum), and cuBLASLt instead of cuBLAS. Reports the weight
 bytes read per second against the HBM copy rate measured in the same run. CUDA only.
 
     python experiments/bench_gemv.py --rows 1,32 --out r.json
@@ -39,7 +40,18 @@ def formulations(weights, x):
         for i, w in enumerate(weights):
             outs[i] = torch.mv(w, x[0])
 
-    found = {"linear": linear, "matmul_t": matmul_t}
+    def ksplit(parts: int):
+        """The reduction split in `parts` slices as one strided batched product, then summed: more
+        thread blocks than the [out, in] product's output tiles alone give cuBLAS."""
+        xs = x.view(x.shape[0], parts, -1).transpose(0, 1)                       # [parts, rows, in/parts]
+        ws = [w.view(w.shape[0], parts, -1).permute(1, 2, 0) for w in weights]   # [parts, in/parts, out]
+
+        def run():
+            for i, w in enumerate(ws):
+                outs[i] = torch.bmm(xs, w).sum(0)
+        return run
+
+    found = {"linear": linear, "matmul_t": matmul_t, "ksplit2": ksplit(2), "ksplit4": ksplit(4)}
     if x.shape[0] == 1:
         found["mv"] = mv
     return found, transposed
