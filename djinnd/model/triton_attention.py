@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from djinnd.model.pdl import launch_options, wait_for_previous
+
 LOG2E = 1.4426950408889634
 
 
@@ -17,7 +19,8 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
                   stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
                   scale_log2, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N   # this session's slice, in tiles
@@ -64,7 +67,8 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits, SPLITS_PAD: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -120,8 +124,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, HEAD_DIM=head_dim,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, **launch_options(q))
     if num_splits > 1:
         _merge_splits[(batch, num_heads)](part, lse, out, out.stride(0), out.stride(1), num_splits,
-                                          SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+                                          SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+                                          **launch_options(q))
     return out

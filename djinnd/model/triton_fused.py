@@ -7,10 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
+from djinnd.model.pdl import launch_options, wait_for_previous
+
 
 @triton.jit
 def _add_rms_norm(x_ptr, residual_ptr, weight_ptr, out_ptr, n_cols, eps, HAS_RESIDUAL: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -30,7 +33,7 @@ def rms_norm(x, weight, eps: float, residual=None):
     out = torch.empty_like(x)
     _add_rms_norm[(x.shape[0],)](x, residual if residual is not None else x, weight, out, x.shape[1], eps,
                                  HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]),
-                                 num_warps=8)
+                                 num_warps=8, **launch_options(x))
     return out
 
 
@@ -56,7 +59,8 @@ def _store_cache(ptr, x, cols, TOP: tl.constexpr):
 @triton.jit
 def _rope_write_kv(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, num_heads,
-                   HALF: tl.constexpr, TOP: tl.constexpr):
+                   HALF: tl.constexpr, TOP: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     t, h = tl.program_id(0), tl.program_id(1)      # heads [0, num_heads) are q's, the rest k's (and v's)
     d = tl.arange(0, HALF)
     c1 = tl.load(cos_ptr + t * 2 * HALF + d).to(tl.float32)
@@ -83,11 +87,13 @@ def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots):
     top = torch.finfo(k_cache.dtype).max if k_cache.dtype != k.dtype else 0.0
     _rope_write_kv[(q.shape[0], q.shape[1] + k.shape[1])](
         q, k, v, cos, sin, slots, k_cache, v_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), k_cache.stride(1), q.shape[1], HALF=q.shape[2] // 2, TOP=top)
+        v.stride(0), v.stride(1), k_cache.stride(1), q.shape[1], HALF=q.shape[2] // 2, TOP=top,
+        **launch_options(q))
 
 
 @triton.jit
-def _silu_mul(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+def _silu_mul(gate_up_ptr, out_ptr, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row, block = tl.program_id(0), tl.program_id(1)
     cols = block * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -101,7 +107,7 @@ def silu_mul(gate_up):
     """[T, 2 * inter] (gate | up) -> silu(gate) * up [T, inter]."""
     rows, n_cols = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(rows, n_cols)
-    _silu_mul[(rows, triton.cdiv(n_cols, 1024))](gate_up, out, n_cols, BLOCK=1024)
+    _silu_mul[(rows, triton.cdiv(n_cols, 1024))](gate_up, out, n_cols, BLOCK=1024, **launch_options(gate_up))
     return out
 
 

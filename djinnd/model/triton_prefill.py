@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from djinnd.model.pdl import launch_options
 from djinnd.model.triton_attention import LOG2E, _merge_splits
 
 MAX_SPLITS = 64                # the split count is an argument (no compile per count); the merge pads it to a power of 2
@@ -179,5 +180,6 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTil
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_splits[(num_tokens, num_heads)](part, lse, out, out.stride(0), out.stride(1), splits,
-                                               SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim)
+                                               SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+                                               **launch_options(q))
     return out
