@@ -1,7 +1,8 @@
 """The split-K paged decode kernel, run by Triton's interpreter on CPU tensors, equals the torch
 reference on ragged random block tables (fp32; GQA groups 1, 4, 8; one slice, a few, and more
-slices than a short context has tiles; pages that tile the key tiles and pages that do not). Skipped where Triton is not installed, and on CUDA machines
-(tests/test_gpu_kernels.py runs the compiled kernel there). The interpreter is chosen when Triton is
+slices than a short context has tiles; pages that tile the key tiles and pages that do not).
+Skipped where Triton is not installed, and on CUDA machines (tests/test_gpu_kernels.py runs the
+compiled kernel there). The interpreter is chosen when Triton is
 imported, so the kernels run in a child process of their own."""
 import json
 
