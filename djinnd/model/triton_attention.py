@@ -38,9 +38,10 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
         n = tile + tl.arange(0, BLOCK_N)
         valid = n < end
         block = tl.load(tables_ptr + b * stride_tb + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        in_page = n % BLOCK_SIZE
         if BLOCK_N % BLOCK_SIZE == 0:     # tiles start on a page: offsets within pages are loop-invariant
             in_page = tl.arange(0, BLOCK_N) % BLOCK_SIZE
+        else:
+            in_page = n % BLOCK_SIZE
         row = block * stride_cb + in_page * stride_cs + kv_head * stride_ch
         k = tl.load(k_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)  # fp8 cache too
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [BLOCK_H, BLOCK_N]
