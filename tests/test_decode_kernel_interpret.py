@@ -1,7 +1,6 @@
 """The split-K paged decode kernel, run by Triton's interpreter on CPU tensors, equals the torch
 reference on ragged random block tables (fp32; GQA groups 1, 4, 8; one slice, a few, and more
-slices than a short context has tiles; pages that tile the key tiles and pages that do not; V pages
-stored [kv_head, dim, slot], as fp8 pools store them).
+slices than a short context has tiles; pages that tile the key tiles and pages that do not).
 Skipped where Triton is not installed, and on CUDA machines (tests/test_gpu_kernels.py runs the
 compiled kernel there). The interpreter is chosen when Triton is
 imported, so the kernels run in a child process of their own."""
@@ -11,23 +10,19 @@ from conftest import require_triton_interpreter, run_interpreted
 
 require_triton_interpreter("the compiled kernel is tested in test_gpu_kernels.py")
 
-CASES = [(4, 4, 1, 64, 16, False), (4, 4, 5, 64, 16, False), (8, 2, 3, 64, 16, False), (16, 2, 8, 64, 16, False),
-         (8, 2, 3, 128, 16, False), (8, 2, 3, 64, 24, False), (8, 2, 3, 64, 128, False), (4, 4, 5, 64, 16, True),
-         (8, 2, 3, 128, 16, True), (8, 2, 3, 64, 24, True), (8, 2, 3, 64, 128, True)]
-# heads, KV heads, slices, tile, page tokens, V pages transposed
+CASES = [(4, 4, 1, 64, 16), (4, 4, 5, 64, 16), (8, 2, 3, 64, 16), (16, 2, 8, 64, 16), (8, 2, 3, 128, 16),
+         (8, 2, 3, 64, 24), (8, 2, 3, 64, 128)]        # heads, KV heads, slices, tile, page tokens
 CHILD = """
 import json, sys, torch
 from djinnd.model.attention import decode_attention_torch
 from djinnd.model.triton_attention import paged_decode_attention
 lens, head_dim = [1, 15, 16, 17, 100, 513], 32
 errors = []
-for heads, kv_heads, num_splits, block_n, block_size, v_transposed in json.loads(sys.argv[1]):
+for heads, kv_heads, num_splits, block_n, block_size in json.loads(sys.argv[1]):
     num_blocks = 5 * (-(-max(lens) // block_size)) + 4
     g = torch.Generator().manual_seed(heads * 100 + num_splits)
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    if v_transposed:
-        v_cache = v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     width = -(-max(lens) // block_size) + 2          # tables padded past the longest context
     tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens]).int()
     q = torch.randn(len(lens), heads, head_dim, generator=g)

@@ -13,8 +13,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from djinnd.memory.block_pool import v_pages  # noqa: E402
-from djinnd.model.triton_attention import num_splits_for, paged_decode_attention, tile_for, v_pages_transposed  # noqa: E402
+from djinnd.model.triton_attention import num_splits_for, paged_decode_attention, tile_for  # noqa: E402
 
 NUM_SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -171,33 +170,6 @@ def test_paged_prefill_kernel_equals_the_reference_on_ragged_chunks(dtype, heads
         start += chunk
 
 
-def test_paged_prefill_kernel_reads_an_fp8_cache():
-    """bf16 chunks after prefixes, over an fp8_e4m3 cache with the pool's V pages ([kv_head, dim,
-    slot]): the kernel equals the torch path (gather, then FlashAttention) on the same cache."""
-    from djinnd.engine.kernels import prefill_attention_kernel
-    from djinnd.model.attention import build_prefill_metadata, prefill_attention, write_kv
-    g = torch.Generator(device="cuda").manual_seed(8)
-    prefixes, chunks, block_size, kv_heads, heads, head_dim = [4000, 17, 300], [300, 64, 1], 16, 8, 32, 128
-    contexts = [p + c for p, c in zip(prefixes, chunks)]
-    num_blocks = sum(-(-c // block_size) for c in contexts) + 4
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k8 = torch.randn(shape, device="cuda", generator=g).to(torch.float8_e4m3fn)
-    v8 = v_pages((1, *shape), torch.float8_e4m3fn, "cuda")[0]
-    v8.copy_(torch.randn(shape, device="cuda", generator=g).to(torch.float8_e4m3fn))
-    order, tables = torch.randperm(num_blocks, device="cuda", generator=g).tolist(), []
-    for c in contexts:
-        tables.append(order[:-(-c // block_size)])
-        order = order[len(tables[-1]):]
-    meta = build_prefill_metadata(chunks, contexts, tables, block_size, "cuda")
-    q, k, v = (torch.randn(sum(chunks), n, head_dim, device="cuda", generator=g).bfloat16()
-               for n in (heads, kv_heads, kv_heads))
-    write_kv(k, v, k8, v8, meta.slot_mapping)
-    out = prefill_attention(q, k, v, k8, v8, meta, prefill_attention_kernel("cuda", head_dim, "auto"))
-    assert meta.tiles is not None
-    ref = prefill_attention(q.double(), k.double(), v.double(), k8, v8, meta)
-    assert rel_err(out, ref) < TOL[torch.bfloat16]
-
-
 def engine_tokens(overrides: dict, prompts, new_tokens: int):
     from djinnd.config import load_config
     from djinnd.daemon import build_engine
@@ -228,7 +200,7 @@ def test_decode_after_long_prompts_gives_the_torch_paths_tokens():
 def test_rope_and_kv_write_kernel_equals_the_torch_path(cache_dtype):
     """bf16 q/k/v views of one projection: q and k rotated in place as apply_rope rotates them (fp32,
     within one bf16 rounding), and the cache holds exactly what write_kv stores of that k and v (an
-    fp8 cache saturated to 448, its V pages stored [kv_head, dim, slot] as the pool stores them)."""
+    fp8 cache saturated to 448)."""
     from djinnd.model.attention import write_kv
     from djinnd.model.rope import apply_rope, rope_tables
     from djinnd.model.triton_fused import rope_write_kv
@@ -242,7 +214,6 @@ def test_rope_and_kv_write_kernel_equals_the_torch_path(cache_dtype):
     sizes = [heads * dim, kv_heads * dim, kv_heads * dim]
     split = lambda x: (t.view(tokens, -1, dim) for t in x.split(sizes, -1))  # noqa: E731
     caches = [torch.zeros(64, 16, kv_heads, dim, device="cuda").to(cache_dtype) for _ in range(4)]
-    caches[1], caches[3] = (v_pages((1, 64, 16, kv_heads, dim), cache_dtype, "cuda")[0] for _ in range(2))
     x = qkv.clone()
     q, k, v = split(x)
     rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
@@ -257,20 +228,16 @@ def test_rope_and_kv_write_kernel_equals_the_torch_path(cache_dtype):
 
 
 def test_split_kernel_reads_an_fp8_cache():
-    """bf16 queries over an fp8_e4m3 cache, V pages stored [kv_head, dim, slot] as the pool stores
-    them, or [slot, kv_head, dim]: the kernel equals the torch path on the same cache, and the bf16
-    cache's output within fp8 precision."""
+    """bf16 queries over an fp8_e4m3 cache: the kernel equals the torch path on the same cache, and
+    the bf16 cache's output within fp8 precision."""
     q, k_cache, v_cache, tables, ctx, width = ragged_case([1, 700, 9000], 8, 4, torch.bfloat16)
-    k8 = k_cache.to(torch.float8_e4m3fn)
-    v8 = v_pages((1, *v_cache.shape), torch.float8_e4m3fn, "cuda")[0].copy_(v_cache.to(torch.float8_e4m3fn))
-    assert v_pages_transposed(v8)
+    k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
     same_cache = decode_attention_torch(q.double(), k8, v8, tables, ctx, width)
     full = decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), tables, ctx, width)
     for block_n in (64, tile_for(1, 3)):           # the bf16 tile, and the one the engine uses on fp8
         splits = num_splits_for(3, 8, 16384, NUM_SMS, block_n)
-        for v in (v8, v8.contiguous()):
-            out = paged_decode_attention(q, k8, v, tables, ctx, splits, block_n)
-            assert rel_err(out, same_cache) < TOL[torch.bfloat16] and rel_err(out, full) < 0.05
+        out = paged_decode_attention(q, k8, v8, tables, ctx, splits, block_n)
+        assert rel_err(out, same_cache) < TOL[torch.bfloat16] and rel_err(out, full) < 0.05
 
 
 def test_an_fp8_kv_engine_decodes_and_its_first_tokens_equal_the_full_precision_pools():

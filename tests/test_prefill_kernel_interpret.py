@@ -1,7 +1,7 @@
 """The paged prefill kernel, run by Triton's interpreter on CPU tensors, equals the torch path of
 `prefill_attention` (gather, then SDPA per session) on ragged chunks over random block tables: fresh
 chunks beside chunks after a prefix, one-token chunks, GQA groups 1, 4 and 7 (more rows than a group
-fills), one key slice and several, V pages stored [kv_head, dim, slot] as fp8 pools store them. Skipped where Triton is not installed, and on CUDA machines
+fills), one key slice and several. Skipped where Triton is not installed, and on CUDA machines
 (tests/test_gpu_kernels.py runs the compiled kernel there)."""
 import json
 
@@ -9,15 +9,14 @@ from conftest import require_triton_interpreter, run_interpreted
 
 require_triton_interpreter("the compiled kernel is tested in test_gpu_kernels.py")
 
-CASES = [(4, 4, None, False), (8, 2, 2, False), (7, 1, 5, False), (8, 2, 2, True)]
-# heads, KV heads, slices (None: planned), V pages transposed
+CASES = [(4, 4, None), (8, 2, 2), (7, 1, 5)]        # heads, KV heads, slices (None: planned)
 CHILD = """
 import json, sys, torch
 from djinnd.model.attention import build_prefill_metadata, prefill_attention, write_kv
 from djinnd.model import triton_prefill
 chunks, contexts, block_size, head_dim = [5, 40, 1, 33], [20, 150, 140, 33], 4, 32
 errors = []
-for heads, kv_heads, splits, v_transposed in json.loads(sys.argv[1]):
+for heads, kv_heads, splits in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     num_blocks = sum(-(-c // block_size) for c in contexts) + 3
     order, tables = torch.randperm(num_blocks, generator=g).tolist(), []
@@ -26,8 +25,6 @@ for heads, kv_heads, splits, v_transposed in json.loads(sys.argv[1]):
         order = order[len(tables[-1]):]
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
-    if v_transposed:
-        v_cache = v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     q = torch.randn(sum(chunks), heads, head_dim, generator=g)
     k = torch.randn(sum(chunks), kv_heads, head_dim, generator=g)
     v = torch.randn(sum(chunks), kv_heads, head_dim, generator=g)

@@ -14,17 +14,6 @@ def bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_siz
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def v_pages(shape, dtype, device):
-    """The V cache in `shape`'s logical layout. One-byte (fp8) pages are stored [kv_head, dim, slot]
-    underneath: the decode kernel's p @ V then reads V^T with a page's slots contiguous, which loads
-    wide and feeds the tensor cores without byte-wise shared-memory reads (ncu, H200 2026-12-02: the
-    [slot, dim] fp8 loop issued 128 LDS.U8 per thread per tile and ran at 55% of DRAM bandwidth)."""
-    if torch.empty((), dtype=dtype).element_size() != 1:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    layers, blocks, slots, heads, dim = shape
-    return torch.zeros((layers, blocks, heads, dim, slots), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
-
-
 class KVBlockPool:
     def __init__(self, num_layers, num_kv_heads, head_dim, block_size, budget_bytes, dtype, device):
         self.block_size = block_size
@@ -38,7 +27,7 @@ class KVBlockPool:
         # [layer, block, slot, kv_head, head_dim]; a layer's view is what attention writes into.
         shape = (num_layers, self.num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = v_pages(shape, dtype, device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = deque(range(self.num_blocks))
         self.refs = [0] * self.num_blocks           # holders of each block: sessions, copies in flight
         self.cached: OrderedDict[int, None] = OrderedDict()   # known blocks nobody holds, oldest first

@@ -26,19 +26,14 @@ class ForwardContext:
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
-    """k/v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D] (a view
-    of another page layout is fine); an fp8 cache stores them saturated to its range (e4m3 has no
-    inf: an overflow would be NaN) and NaN as -max (the decode kernel reads fp8 V pages unmasked)."""
+    """k/v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D]; an fp8
+    cache stores them saturated to its range (e4m3 has no inf: an overflow would be NaN)."""
     for x, cache in ((k, k_cache), (v, v_cache)):
         if cache.dtype != x.dtype:
             top = torch.finfo(cache.dtype).max
-            x = x.clamp(-top, top).nan_to_num(-top).to(cache.dtype).view(torch.uint8)   # no fp8 index kernels
+            x = x.clamp(-top, top).to(cache.dtype).view(torch.uint8)     # fp8 has no index_copy_: copy bytes
             cache = cache.view(torch.uint8)
-        if cache.is_contiguous():
-            cache.view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, x)
-        else:
-            block_size = cache.shape[1]
-            cache.index_put_((slot_mapping // block_size, slot_mapping % block_size), x)
+        cache.view(-1, *x.shape[1:]).index_copy_(0, slot_mapping, x)
 
 
 def gather_blocks(cache, blocks, dtype):

@@ -15,66 +15,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_tile(q, acc, l, m, tile, end, table, k_ptr, v_ptr, k_head, v_head, d, stride_cb, stride_cs,
-                 stride_vb, stride_vs, stride_vd, scale_log2, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISION: tl.constexpr, V_PAGES_T: tl.constexpr, LAST: tl.constexpr):
-    """Keys [tile, tile + BLOCK_N) into the running softmax (m, l, acc). Only the LAST tile can reach
-    past `end`: there, masked table reads give block 0 and those keys get -inf."""
-    n = tile + tl.arange(0, BLOCK_N)
-    valid = n < end
-    if LAST:
-        block = tl.load(table + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    else:
-        block = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
-    if BLOCK_N % BLOCK_SIZE == 0:     # tiles start on a page: offsets within pages are loop-invariant
-        in_page = tl.arange(0, BLOCK_N) % BLOCK_SIZE
-    else:
-        in_page = n % BLOCK_SIZE
-    k_row = block * stride_cb + in_page * stride_cs + k_head
-    if LAST:
-        k = tl.load(k_ptr + k_row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
-    else:
-        k = tl.load(k_ptr + k_row[:, None] + d[None, :]).to(q.dtype)     # fp8 cache too
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [BLOCK_H, BLOCK_N]
-    if LAST:
-        s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m - m_new)
-    if V_PAGES_T:   # V^T pages [dim, slot]: runs of a page's slots are contiguous, so the tile loads wide.
-        # Unmasked even in the last tile: those slots lie in real pages, whose fp8 bytes are never NaN
-        # (writes store NaN as -max), and their p is 0.
-        v_col = block * stride_vb + in_page + v_head
-        if BLOCK_N % BLOCK_SIZE == 0:        # runs of a whole page, each starting on one
-            v_col = tl.max_contiguous(tl.multiple_of(v_col, BLOCK_SIZE), BLOCK_SIZE)
-        elif BLOCK_SIZE % BLOCK_N == 0:      # the tile lies within one page, at a multiple of BLOCK_N
-            v_col = tl.max_contiguous(tl.multiple_of(v_col, BLOCK_N), BLOCK_N)
-        vt = tl.load(v_ptr + v_col[None, :] + d[:, None] * stride_vd).to(q.dtype)      # [HEAD_DIM, BLOCK_N]
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), tl.trans(vt), input_precision=PRECISION)
-    else:
-        v_row = block * stride_vb + in_page * stride_vs + v_head
-        if LAST:
-            v = tl.load(v_ptr + v_row[:, None] + d[None, :] * stride_vd, mask=valid[:, None], other=0.0).to(q.dtype)
-        else:
-            v = tl.load(v_ptr + v_row[:, None] + d[None, :] * stride_vd).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, l * alpha + tl.sum(p, axis=1), m_new
-
-
-@triton.jit
 def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_ptr, lse_ptr,
-                  stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_vb, stride_vs, stride_vh,
-                  stride_vd, stride_tb, stride_ob, stride_oh, scale_log2, GROUP: tl.constexpr,
-                  BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
-                  V_PAGES_T: tl.constexpr, PDL: tl.constexpr):
+                  stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
+                  scale_log2, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PRECISION: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_lens_ptr + b)
     per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N   # this session's slice, in tiles
     start = split * per_split
     end = tl.minimum(start + per_split, ctx)
-    full_end = tl.maximum(start + (end - start) // BLOCK_N * BLOCK_N, start)
     g = tl.arange(0, BLOCK_H)                      # query heads of the group, padded for tl.dot
     d = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + g
@@ -83,16 +34,25 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
-    table = tables_ptr + b * stride_tb
-    k_head, v_head = kv_head * stride_ch, kv_head * stride_vh
-    for tile in range(start, full_end, BLOCK_N):
-        acc, l, m = _decode_tile(q, acc, l, m, tile, end, table, k_ptr, v_ptr, k_head, v_head, d, stride_cb,
-                                 stride_cs, stride_vb, stride_vs, stride_vd, scale_log2, BLOCK_SIZE, BLOCK_N,
-                                 PRECISION, V_PAGES_T, False)
-    if full_end < end:
-        acc, l, m = _decode_tile(q, acc, l, m, full_end, end, table, k_ptr, v_ptr, k_head, v_head, d, stride_cb,
-                                 stride_cs, stride_vb, stride_vs, stride_vd, scale_log2, BLOCK_SIZE, BLOCK_N,
-                                 PRECISION, V_PAGES_T, True)
+    for tile in range(start, end, BLOCK_N):
+        n = tile + tl.arange(0, BLOCK_N)
+        valid = n < end
+        block = tl.load(tables_ptr + b * stride_tb + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        if BLOCK_N % BLOCK_SIZE == 0:     # tiles start on a page: offsets within pages are loop-invariant
+            in_page = tl.arange(0, BLOCK_N) % BLOCK_SIZE
+        else:
+            in_page = n % BLOCK_SIZE
+        row = block * stride_cb + in_page * stride_cs + kv_head * stride_ch
+        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)  # fp8 cache too
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2          # [BLOCK_H, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
     is_head = g < GROUP
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -144,16 +104,10 @@ def num_splits_for(batch: int, num_kv_heads: int, max_context: int, num_sms: int
     return max(1, min(wanted, max_context // (4 * block_n), 64))
 
 
-def v_pages_transposed(v_cache) -> bool:
-    """V pages stored [kv_head, dim, slot] (fp8 pools, see block_pool.py): slot stride 1."""
-    return v_cache.stride(1) == 1 and v_cache.shape[1] > 1
-
-
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_splits: int = 1,
                            block_n: int = 64, num_warps: int = 4, num_stages: int = 3):
-    """q [B, H, D]; k_cache/v_cache [blocks, block_size, Hkv, D] of one layer (V may be a view of
-    [blocks, Hkv, D, block_size] pages); block_tables [B, max] int32; context_lens [B] int32 including
-    the token itself. Returns [B, H, D]."""
+    """q [B, H, D]; k_cache/v_cache [blocks, block_size, Hkv, D] of one layer; block_tables [B, max]
+    int32; context_lens [B] int32 including the token itself. Returns [B, H, D]."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -167,11 +121,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_
     _split_decode[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        *v_cache.stride(), block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5 * LOG2E,
+        block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5 * LOG2E,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), NUM_SPLITS=num_splits,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", V_PAGES_T=v_pages_transposed(v_cache),
-        num_warps=num_warps, num_stages=num_stages, **launch_options(q))
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        num_stages=num_stages, **launch_options(q))
     if num_splits > 1:
         _merge_splits[(batch, num_heads)](part, lse, out, out.stride(0), out.stride(1), num_splits,
                                           SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,

@@ -50,17 +50,15 @@ def _rotate(base, c1, s1, c2, s2, d, HALF: tl.constexpr):
 
 
 @triton.jit
-def _store_cache(ptrs, x, TOP: tl.constexpr):
-    if TOP > 0:         # an fp8 cache: saturate to its range (e4m3 has no inf: an overflow would be NaN),
-        x = x.to(tl.float32)      # and NaN as -max (the decode kernel reads fp8 V pages unmasked)
-        x = tl.where(x != x, -TOP, tl.minimum(tl.maximum(x, -TOP), TOP))
-    tl.store(ptrs, x.to(ptrs.dtype.element_ty))
+def _store_cache(ptr, x, cols, TOP: tl.constexpr):
+    if TOP > 0:         # an fp8 cache: saturate to its range (e4m3 has no inf: an overflow would be NaN)
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -TOP), TOP)
+    tl.store(ptr + cols, x.to(ptr.dtype.element_ty))
 
 
 @triton.jit
 def _rope_write_kv(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr, v_cache_ptr,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_slot,
-                   stride_cvb, stride_cvs, stride_cvh, stride_cvd, block_size, num_heads,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_slot, num_heads,
                    HALF: tl.constexpr, TOP: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     t, h = tl.program_id(0), tl.program_id(1)      # heads [0, num_heads) are q's, the rest k's (and v's)
@@ -74,27 +72,23 @@ def _rope_write_kv(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, k_cache_ptr
     else:
         kv_head = h - num_heads
         y1, y2 = _rotate(k_ptr + t * stride_kt + kv_head * stride_kh, c1, s1, c2, s2, d, HALF)
-        slot = tl.load(slots_ptr + t).to(tl.int64)
-        at = slot * stride_slot + kv_head * 2 * HALF
-        _store_cache(k_cache_ptr + at + d, y1, TOP)
-        _store_cache(k_cache_ptr + at + HALF + d, y2, TOP)
-        dv = tl.arange(0, 2 * HALF)
-        v = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + dv)
-        v_at = (slot // block_size) * stride_cvb + (slot % block_size) * stride_cvs + kv_head * stride_cvh
-        _store_cache(v_cache_ptr + v_at + dv * stride_cvd, v, TOP)
+        at = tl.load(slots_ptr + t).to(tl.int64) * stride_slot + kv_head * 2 * HALF
+        _store_cache(k_cache_ptr + at, y1, d, TOP)
+        _store_cache(k_cache_ptr + at + HALF, y2, d, TOP)
+        v = tl.load(v_ptr + t * stride_vt + kv_head * stride_vh + tl.arange(0, 2 * HALF))
+        _store_cache(v_cache_ptr + at, v, tl.arange(0, 2 * HALF), TOP)
 
 
 def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots):
     """One kernel: rotate q [T, H, D] and k [T, Hkv, D] in place (strided views are fine) and write k
-    and v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D] (V may be
-    a view of [blocks, Hkv, D, block_size] pages), as `attention.write_kv` does after
-    `rope.apply_rope`. cos/sin [T, 1, D] contiguous."""
-    assert k_cache.is_contiguous() and q.stride(2) == k.stride(2) == v.stride(2) == 1
+    and v [T, Hkv, D] into the flat slots of one layer's cache [blocks, block_size, Hkv, D], as
+    `attention.write_kv` does after `rope.apply_rope`. cos/sin [T, 1, D] contiguous."""
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == k.stride(2) == v.stride(2) == 1
     top = torch.finfo(k_cache.dtype).max if k_cache.dtype != k.dtype else 0.0
     _rope_write_kv[(q.shape[0], q.shape[1] + k.shape[1])](
         q, k, v, cos, sin, slots, k_cache, v_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), k_cache.stride(1), *v_cache.stride(), v_cache.shape[1], q.shape[1],
-        HALF=q.shape[2] // 2, TOP=top, **launch_options(q))
+        v.stride(0), v.stride(1), k_cache.stride(1), q.shape[1], HALF=q.shape[2] // 2, TOP=top,
+        **launch_options(q))
 
 
 @triton.jit

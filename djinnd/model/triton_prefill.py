@@ -21,8 +21,8 @@ MAX_SPLITS = 64                # the split count is an argument (no compile per 
 
 
 @triton.jit
-def _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, k_head, v_head, d, stride_cb, stride_cs,
-              stride_vb, stride_vs, stride_vd, scale_log2, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
+def _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, head_at, d, stride_cb, stride_cs, scale_log2,
+              BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
     """Keys [kv, kv + BLOCK_N) into the running softmax (m, l, acc) of a tile's rows. CAUSAL: the tile
     straddles the diagonal or the slice's end, so keys past a row's position or `end` are masked;
     otherwise every row sees every key and the masks are skipped."""
@@ -32,8 +32,7 @@ def _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, k_head, v_head, d
         block = tl.load(table + n // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
     else:
         block = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
-    at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + k_head
-    v_at = block * stride_vb + (n % BLOCK_SIZE) * stride_vs + v_head
+    at = block * stride_cb + (n % BLOCK_SIZE) * stride_cs + head_at
     if CAUSAL:
         k = tl.load(k_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
     else:
@@ -48,9 +47,9 @@ def _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, k_head, v_head, d
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
     if CAUSAL:
-        v = tl.load(v_ptr + v_at[:, None] + d[None, :] * stride_vd, mask=in_range[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=in_range[:, None], other=0.0).to(q.dtype)
     else:
-        v = tl.load(v_ptr + v_at[:, None] + d[None, :] * stride_vd).to(q.dtype)
+        v = tl.load(v_ptr + at[:, None] + d[None, :]).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l * alpha + tl.sum(p, axis=1), m_new
 
@@ -58,8 +57,8 @@ def _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, k_head, v_head, d
 @triton.jit(do_not_specialize=["num_splits", "stride_tb"])   # values that change step by step: one compile
 def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, q_start_ptr, q_len_ptr,
                    ctx_len_ptr, out_ptr, part_ptr, lse_ptr, num_splits,
-                   stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_vb, stride_vs, stride_vh, stride_vd,
-                   stride_tb, stride_ot, stride_oh, scale_log2, GROUP: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
+                   stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ot, stride_oh,
+                   scale_log2, GROUP: tl.constexpr, TOKENS: tl.constexpr, ROWS: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     tile, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -84,15 +83,12 @@ def _paged_prefill(q_ptr, k_ptr, v_ptr, tables_ptr, tile_seq_ptr, tile_tok_ptr, 
     m = tl.full([ROWS], float("-inf"), tl.float32)
     l = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    k_head, v_head = kv_head * stride_ch, kv_head * stride_vh
     for kv in range(start, unmasked_end, BLOCK_N):
-        acc, l, m = _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, k_head, v_head, d, stride_cb,
-                              stride_cs, stride_vb, stride_vs, stride_vd, scale_log2, BLOCK_SIZE, BLOCK_N, PRECISION,
-                              False)
+        acc, l, m = _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, kv_head * stride_ch, d, stride_cb,
+                              stride_cs, scale_log2, BLOCK_SIZE, BLOCK_N, PRECISION, False)
     for kv in range(unmasked_end, end, BLOCK_N):
-        acc, l, m = _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, k_head, v_head, d, stride_cb,
-                              stride_cs, stride_vb, stride_vs, stride_vd, scale_log2, BLOCK_SIZE, BLOCK_N, PRECISION,
-                              True)
+        acc, l, m = _key_tile(q, acc, l, m, kv, end, pos, table, k_ptr, v_ptr, kv_head * stride_ch, d, stride_cb,
+                              stride_cs, scale_log2, BLOCK_SIZE, BLOCK_N, PRECISION, True)
     row = q_start + tok
     if not SPLIT:
         tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -161,7 +157,7 @@ def plan(query_lens: list[int], context_lens: list[int], group: int, num_kv_head
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTiles, num_warps: int = 4,
                             num_stages: int = 3):
     """q [T, H, D] chunk tokens, session by session; k_cache/v_cache [blocks, block_size, Hkv, D] of
-    one layer (V may be a view of [blocks, Hkv, D, block_size] pages) holding every token of each context (the chunk's own K/V already written);
+    one layer holding every token of each context (the chunk's own K/V already written);
     block_tables [B, max] int32. Returns [T, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -177,7 +173,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTil
     _paged_prefill[(tiles.tile_seq.shape[0], num_kv_heads, splits)](
         q, k_cache, v_cache, block_tables, tiles.tile_seq, tiles.tile_tok, tiles.q_start, tiles.q_len,
         tiles.ctx_len, out, part, lse, splits,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1), head_dim ** -0.5 * LOG2E,
         GROUP=group, TOKENS=tiles.tokens, ROWS=tiles.rows, SPLIT=splits > 1, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=tiles.block_n, HEAD_DIM=head_dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
