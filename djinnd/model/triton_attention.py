@@ -57,26 +57,33 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
     if NUM_SPLITS == 1:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=is_head[:, None])
-    else:      # an empty slice (short context) leaves l = 0: weight 0 in the merge, never 0/0
-        has = l > 0
-        part = acc / tl.where(has, l, 1.0)[:, None]
-        lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))
+    else:      # a slice past the context (short context) stores nothing: the merge reads only slices in it
+        mine = is_head & (l > 0)                   # l > 0: the slice holds a token
+        part = acc / tl.where(mine, l, 1.0)[:, None]
+        lse = m + tl.log2(tl.where(mine, l, 1.0))
         at = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split          # [B, H, S] row-major
-        tl.store(part_ptr + at[:, None] * HEAD_DIM + d[None, :], part, mask=is_head[:, None])
-        tl.store(lse_ptr + at, lse, mask=is_head)
+        tl.store(part_ptr + at[:, None] * HEAD_DIM + d[None, :], part, mask=mine[:, None])
+        tl.store(lse_ptr + at, lse, mask=mine)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits(part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits, SPLITS_PAD: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+def _merge_splits(part_ptr, lse_ptr, out_ptr, ctx_lens_ptr, stride_ob, stride_oh, num_splits,
+                  SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SLICE_TILE: tl.constexpr, PDL: tl.constexpr):
+    """Out = the slices' parts weighted by their log-sum-exp. SLICE_TILE > 0 (decode): slices were
+    cut as _split_decode cuts them, and those past the session's context hold nothing, unread;
+    0 (prefill): every slice was stored, an empty one as lse -inf."""
     wait_for_previous(PDL)
     b, h = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM)
+    used = num_splits
+    if SLICE_TILE > 0:
+        ctx = tl.load(ctx_lens_ptr + b)
+        used = tl.cdiv(ctx, tl.cdiv(tl.cdiv(ctx, num_splits), SLICE_TILE) * SLICE_TILE)
     row = (b * tl.num_programs(1) + h) * num_splits + s
-    lse = tl.load(lse_ptr + row, mask=s < num_splits, other=float("-inf"))
+    lse = tl.load(lse_ptr + row, mask=s < used, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, axis=0))         # at least one slice holds a token: max is finite
-    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=(s < num_splits)[:, None], other=0.0)
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=(s < used)[:, None], other=0.0)
     out = tl.sum(w[:, None] * part, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
@@ -127,7 +134,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, num_
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
         num_stages=num_stages, **launch_options(q))
     if num_splits > 1:
-        _merge_splits[(batch, num_heads)](part, lse, out, out.stride(0), out.stride(1), num_splits,
+        _merge_splits[(batch, num_heads)](part, lse, out, context_lens, out.stride(0), out.stride(1), num_splits,
                                           SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-                                          **launch_options(q))
+                                          SLICE_TILE=block_n, **launch_options(q))
     return out

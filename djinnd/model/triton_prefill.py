@@ -179,7 +179,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, tiles: PrefillTil
         BLOCK_N=tiles.block_n, HEAD_DIM=head_dim, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
-        _merge_splits[(num_tokens, num_heads)](part, lse, out, out.stride(0), out.stride(1), splits,
+        _merge_splits[(num_tokens, num_heads)](part, lse, out, lse, out.stride(0), out.stride(1), splits,
                                                SPLITS_PAD=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
-                                               **launch_options(q))
+                                               SLICE_TILE=0, **launch_options(q))
     return out
