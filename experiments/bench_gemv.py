@@ -2,7 +2,8 @@
 distinct weights (so nothing stays in L2), captured in a CUDA graph, for each of Llama-3.1-8B's
 weight shapes, in several formulations: F.linear on [out, in] weights (the engine's), a matmul
 on the transposed copy [in, out], torch.mv, the reduction split in 2 or 4 slices (a strided
-batched product and a sum), and cuBLASLt instead of cuBLAS. Reports the weight
+batched product and a sum), the engine's Triton GEMV at one row (triton_gemv.py, launched with PDL
+as in the engine), and cuBLASLt instead of cuBLAS. Reports the weight
 bytes read per second against the HBM copy rate measured in the same run. CUDA only.
 
     python experiments/bench_gemv.py --rows 1,32 --out r.json
@@ -51,9 +52,15 @@ def formulations(weights, x):
                 outs[i] = torch.bmm(xs, w).sum(0)
         return run
 
+    def triton_gemv():
+        from djinnd.model import triton_gemv
+        for i, w in enumerate(weights):
+            outs[i] = triton_gemv.linear(x, w)
+
     found = {"linear": linear, "matmul_t": matmul_t, "ksplit2": ksplit(2), "ksplit4": ksplit(4)}
     if x.shape[0] == 1:
         found["mv"] = mv
+        found["triton"] = triton_gemv
     return found, transposed
 
 

@@ -170,6 +170,22 @@ def test_paged_prefill_kernel_equals_the_reference_on_ragged_chunks(dtype, heads
         start += chunk
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_kernel_equals_f_linear_on_decode_shapes(dtype):
+    """One row through the Triton GEMV against float64, within one rounding of the output, on
+    Llama-3.1-8B's QKV (with a bias, as Qwen2's), O, gate/up and down shapes; F.linear as a yardstick."""
+    from djinnd.model import triton_gemv
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for out_f, in_f, with_bias in [(6144, 4096, True), (4096, 4096, False), (28672, 4096, False), (4096, 14336, False)]:
+        x = torch.randn(1, in_f, device="cuda", generator=g).to(dtype)
+        w = (torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02).to(dtype)
+        bias = torch.randn(out_f, device="cuda", generator=g).to(dtype) if with_bias else None
+        assert triton_gemv.fits(x, w)
+        ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        mine, cublas = triton_gemv.linear(x, w, bias), torch.nn.functional.linear(x, w, bias)
+        assert rel_err(mine, ref) <= max(2 * rel_err(cublas, ref), 4e-3), (out_f, in_f)
+
+
 def engine_tokens(overrides: dict, prompts, new_tokens: int):
     from djinnd.config import load_config
     from djinnd.daemon import build_engine

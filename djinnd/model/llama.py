@@ -161,12 +161,18 @@ def _world(tp) -> int:
     return 1 if tp is None else tp.world
 
 
-def row_parallel(linear: nn.Linear, x, tp):
+def product(fused):
+    """The linear layers' product: the fused kernels' (a Triton GEMV for one row on CUDA) or
+    threaded_linear's (CPU decode)."""
+    return threaded_linear.linear if fused is None else fused.linear
+
+
+def row_parallel(linear: nn.Linear, x, tp, fused=None):
     """o_proj, down_proj: under tensor parallelism each rank holds some input columns, so its product
     is a partial sum, summed across ranks (then the bias, once). tp None: the plain layer."""
     if tp is None:
-        return threaded_linear.linear(x, linear.weight, linear.bias)
-    y = tp.all_reduce(threaded_linear.linear(x, linear.weight))
+        return product(fused)(x, linear.weight, linear.bias)
+    y = tp.all_reduce(product(fused)(x, linear.weight))
     return y if linear.bias is None else y + linear.bias
 
 
@@ -183,7 +189,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps) if a.qk_norm else None
 
     def forward(self, x, ctx, k_cache, v_cache):
-        q, k, v = threaded_linear.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.sizes, dim=-1)
+        q, k, v = product(ctx.fused)(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.sizes, dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:      # Qwen3: each head normalized before rotation
             q, k = self._head_norm(self.q_norm, q, ctx.fused), self._head_norm(self.k_norm, k, ctx.fused)
@@ -194,7 +200,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
             write_kv(k, v, k_cache, v_cache, ctx.slots)
         out = ctx.attend(q, k, v, k_cache, v_cache)
-        return row_parallel(self.o_proj, out.reshape(x.shape[0], -1), self.tp)
+        return row_parallel(self.o_proj, out.reshape(x.shape[0], -1), self.tp, ctx.fused)
 
     @staticmethod
     def _head_norm(norm, x, fused):
@@ -214,8 +220,8 @@ class MLP(nn.Module):
 
     def forward(self, x, fused=None):
         if fused is not None:
-            return row_parallel(self.down_proj, fused.silu_mul(threaded_linear.linear(x, self.gate_up_proj.weight)),
-                                self.tp)
+            return row_parallel(self.down_proj, fused.silu_mul(fused.linear(x, self.gate_up_proj.weight)), self.tp,
+                                fused)
         gate, up = threaded_linear.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
         return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
 

@@ -1,6 +1,7 @@
 """Fused elementwise kernels for the decode step (Triton, CUDA only). At batch 1 a layer's matmuls
 take microseconds, so the many small kernels of RMSNorm, RoPE, the K/V write and SiLU-mul cost as
 much as the weights' reads; each becomes one kernel here, RoPE and the K/V write one together.
+The module also carries the layers' product, `linear` (triton_gemv.py).
 `llama.py` keeps the torch versions as the CPU path and as the reference these are tested against.
 """
 import torch
@@ -8,6 +9,7 @@ import triton
 import triton.language as tl
 
 from djinnd.model.pdl import launch_options, wait_for_previous
+from djinnd.model import triton_gemv
 
 
 @triton.jit
@@ -109,6 +111,9 @@ def silu_mul(gate_up):
     out = gate_up.new_empty(rows, n_cols)
     _silu_mul[(rows, triton.cdiv(n_cols, 1024))](gate_up, out, n_cols, BLOCK=1024, **launch_options(gate_up))
     return out
+
+
+linear = triton_gemv.linear          # the layers' products: a GEMV where the step has one row
 
 
 def supports(x: torch.Tensor) -> bool:
