@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from djinnd.model.pdl import launch_options, wait_for_previous
 from djinnd.model import triton_gemv
+from djinnd.model.pdl import launch_options, wait_for_previous
 
 
 @triton.jit
