@@ -52,7 +52,7 @@ def formulations(weights, x):
                 outs[i] = torch.bmm(xs, w).sum(0)
         return run
 
-    def triton_gemv():
+    def gemv_triton():
         from djinnd.model import triton_gemv
         for i, w in enumerate(weights):
             outs[i] = triton_gemv.linear(x, w)
@@ -60,7 +60,7 @@ def formulations(weights, x):
     found = {"linear": linear, "matmul_t": matmul_t, "ksplit2": ksplit(2), "ksplit4": ksplit(4)}
     if x.shape[0] == 1:
         found["mv"] = mv
-        found["triton"] = triton_gemv
+        found["triton"] = gemv_triton
     return found, transposed
 
 

@@ -15,6 +15,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _slice_tokens(ctx, num_splits, BLOCK_N: tl.constexpr):
+    """Tokens in each of a session's slices: its context over the splits, in whole tiles."""
+    return tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_ptr, lse_ptr,
                   stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
                   scale_log2, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -23,7 +29,7 @@ def _split_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_lens_ptr, out_ptr, part_p
     wait_for_previous(PDL)
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N   # this session's slice, in tiles
+    per_split = _slice_tokens(ctx, NUM_SPLITS, BLOCK_N)
     start = split * per_split
     end = tl.minimum(start + per_split, ctx)
     g = tl.arange(0, BLOCK_H)                      # query heads of the group, padded for tl.dot
@@ -79,7 +85,7 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, ctx_lens_ptr, stride_ob, stride_oh
     used = num_splits
     if SLICE_TILE > 0:
         ctx = tl.load(ctx_lens_ptr + b)
-        used = tl.cdiv(ctx, tl.cdiv(tl.cdiv(ctx, num_splits), SLICE_TILE) * SLICE_TILE)
+        used = tl.cdiv(ctx, _slice_tokens(ctx, num_splits, SLICE_TILE))
     row = (b * tl.num_programs(1) + h) * num_splits + s
     lse = tl.load(lse_ptr + row, mask=s < used, other=float("-inf"))
     w = tl.exp2(lse - tl.max(lse, axis=0))         # at least one slice holds a token: max is finite
